@@ -1,0 +1,16 @@
+"""Pure-tensor layer solvers: ``f(weight [out, in], gram [in, in], sparsity=None, *, nm=None, **options)``.
+
+Each returns a :class:`PruneResult` (new weight, bool mask of kept entries, stats). See
+:mod:`lightning_prune.solvers.patterns` for the sparsity semantics.
+"""
+
+from .alps import alps
+from .magnitude import magnitude
+from .patterns import check_mask, parse_nm, select_mask
+from .result import PruneResult
+from .sparsegpt import sparsegpt
+from .wanda import wanda
+
+SOLVERS = {"alps": alps, "sparsegpt": sparsegpt, "wanda": wanda, "magnitude": magnitude}
+
+__all__ = ["SOLVERS", "PruneResult", "alps", "check_mask", "magnitude", "parse_nm", "select_mask", "sparsegpt", "wanda"]

@@ -1,0 +1,183 @@
+"""ALPS (Meng et al., 2024, arXiv 2406.07831): ADMM on the layer reconstruction objective, then a CG refit.
+
+Notation (DESIGN.md §2): ``W [out, in]``, ``H = XᵀX [in, in]``. After damping, inputs are scaled by
+``s = sqrt(diag H)``: ``H' = H / (s sᵀ)`` (unit diagonal) and ``B = W · s`` (row-major, ``[out, in]``), so
+ranking ``|B|`` over the layer is the Wanda score. The problem
+
+    min_B ½ tr((B − B₀) H' (B − B₀)ᵀ)   s.t. B follows the sparsity pattern
+
+is split as ``B = D`` with ADMM:
+
+    B ← (G − V + ρD) (H' + ρI)⁻¹,    D ← P(B + V/ρ),    V ← V + ρ(B − D),    G = B₀ H'.
+
+``H' = Q diag(μ) Qᵀ`` is eigendecomposed once; the B-update is carried out in the eigenbasis
+(``Z = (GQ − VQ + ρ DQ) / (μ + ρ)``, ``B = Z Qᵀ``), so a change of ρ costs nothing and no inverse is ever formed.
+``VQ`` is updated alongside ``V`` (``VQ ← VQ + ρ(Z − DQ)``), leaving two ``[out, in] × [in, in]`` products per
+iteration: ``DQ = D Q`` and ``B = Z Qᵀ``.
+
+ρ schedule: every ``update_every`` iterations count the support change c (entries that entered the support since
+the previous check); c > 0.1k → ρ×1.3, c > 0.005k → ρ×1.2, c ≥ 1 → ρ×1.1, c = 0 → stop. If the support has not
+moved at the first check while ρ was never raised, ρ started too large: ρ₀ /= 5 and restart.
+
+Refit: with the support fixed, conjugate gradient on ``B H' = G`` restricted to the support, all rows at once with
+per-row step sizes. In the original coordinates this is CG preconditioned by ``diag(H)`` (Jacobi).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .objective import damped_gram, relative_error
+from .patterns import achieved_sparsity, check_problem, select_mask
+from .result import PruneResult
+
+MAX_RESTARTS = 5
+
+
+def alps(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float | None = None,
+    *,
+    nm: str | Sequence[int] | None = None,
+    rho0: float = 0.1,
+    max_iter: int = 300,
+    update_every: int = 3,
+    cg_iter: int = 10,
+    damp: float = 0.01,
+    per_row: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> PruneResult:
+    """Prune ``weight`` by ALPS.
+
+    Args:
+        weight: ``[out, in]``, any float dtype and device; not modified.
+        gram: ``H = XᵀX [in, in]`` summed over calibration tokens; not modified.
+        sparsity: fraction of weights removed, in [0, 1).
+        nm: ``"n:m"`` or ``(n, m)``: n kept of every m consecutive inputs per row (``"2:4"``).
+        rho0: initial ADMM penalty ρ, in units of the scaled gram's unit diagonal (default 0.1).
+        max_iter: cap on ADMM iterations (default 300).
+        update_every: iterations between support-change checks and ρ updates (default 3).
+        cg_iter: conjugate-gradient iterations of the refit on the final support (default 10; 0 skips it).
+        damp: ``λ = damp · mean(diag H)`` added to the diagonal (default 0.01). Raised automatically when the
+            damped, scaled gram is still numerically singular.
+        per_row: compare weights within each output row instead of over the whole layer (default False).
+        dtype: working precision of the iterations (default float32); the eigendecomposition is done in float64.
+
+    Returns:
+        :class:`PruneResult` with ``stats``: ``rel_error``, ``rel_error_admm`` (before the refit), ``iterations``,
+        ``rho`` (final), ``support_changes`` (c at each check), ``restarts``, ``damp``, ``spectral_shift`` (added to
+        the scaled gram's diagonal when it was singular even after damping; normally 0), ``seconds``.
+    """
+    sparsity, nm = check_problem(weight, gram, sparsity, nm)
+    _check_options(rho0, max_iter, update_every, cg_iter)
+    start = time.perf_counter()
+
+    H, _ = damped_gram(gram, damp)
+    s = torch.diagonal(H).sqrt()
+    H_scaled = H / torch.outer(s, s)
+    mu, Q = torch.linalg.eigh(H_scaled)
+    shift = max(0.0, 1e-6 * float(mu[-1]) - float(mu[0]))
+    if shift:  # numerically singular even after damping: lift the spectrum instead of failing
+        mu = mu + shift
+        H_scaled.diagonal().add_(shift)
+    mu, Q, H_scaled, s = (t.to(dtype) for t in (mu, Q, H_scaled, s))
+
+    B0 = weight.detach().to(dtype) * s
+    G = B0 @ H_scaled
+
+    def project(U: torch.Tensor) -> torch.Tensor:
+        return select_mask(U.abs(), sparsity, nm, per_row)
+
+    D, mask, history, rho, iterations, restarts = _admm(G @ Q, Q, mu, B0, project, rho0, max_iter, update_every)
+    new_weight = (D / s).to(weight.dtype)
+    error_admm = error = relative_error(weight, new_weight, gram)
+    if cg_iter:
+        refit = (_refit(D, mask, G, H_scaled, cg_iter) / s).to(weight.dtype)
+        refit_error = relative_error(weight, refit, gram)
+        if refit_error <= error:  # CG descends in the damped H'-norm; keep the ADMM result if round-off says no
+            new_weight, error = refit, refit_error
+    stats = {
+        "method": "alps",
+        "sparsity": achieved_sparsity(mask),
+        "seconds": time.perf_counter() - start,
+        "rel_error": error,
+        "rel_error_admm": error_admm,
+        "iterations": iterations,
+        "rho": rho,
+        "support_changes": history,
+        "restarts": restarts,
+        "damp": damp,
+        "spectral_shift": shift,
+    }
+    return PruneResult(new_weight, mask, stats)
+
+
+def _admm(GQ, Q, mu, B0, project, rho0, max_iter, update_every):
+    """ADMM iterations; returns ``(D, mask, support_changes, rho, iterations, restarts)``."""
+    restarts = 0
+    while True:
+        rho = rho0
+        mask = project(B0)
+        D = B0 * mask
+        DQ = D @ Q
+        V = torch.zeros_like(B0)
+        VQ = torch.zeros_like(B0)
+        k = int(mask.sum())
+        checked_mask = mask
+        raised = False
+        history: list[int] = []
+        iterations = 0
+        while iterations < max_iter:
+            iterations += 1
+            Z = (GQ - VQ + rho * DQ) / (mu + rho)
+            B = Z @ Q.T
+            U = B + V / rho
+            mask = project(U)
+            D = U * mask
+            DQ = D @ Q
+            V += rho * (B - D)
+            VQ += rho * (Z - DQ)
+            if iterations % update_every:
+                continue
+            change = int((mask & ~checked_mask).sum())
+            history.append(change)
+            checked_mask = mask
+            if change == 0:
+                break
+            raised = True
+            rho *= 1.3 if change > 0.1 * k else 1.2 if change > 0.005 * k else 1.1
+        if raised or restarts >= MAX_RESTARTS or iterations >= max_iter:
+            return D, mask, history, rho, iterations, restarts
+        rho0 /= 5
+        restarts += 1
+
+
+def _refit(B, mask, G, H, iterations):
+    """Conjugate gradient on ``B H = G`` over the entries of ``mask``, one step size per row of ``B``."""
+    X = B * mask
+    R = (G - X @ H) * mask
+    P = R.clone()
+    rs = (R * R).sum(dim=1, keepdim=True)
+    tiny = torch.finfo(B.dtype).tiny
+    for _ in range(iterations):
+        AP = (P @ H) * mask
+        curvature = (P * AP).sum(dim=1, keepdim=True)
+        alpha = torch.where(curvature > tiny, rs / curvature.clamp(min=tiny), torch.zeros_like(rs))
+        X += alpha * P
+        R -= alpha * AP
+        rs_new = (R * R).sum(dim=1, keepdim=True)
+        P = R + torch.where(rs > tiny, rs_new / rs.clamp(min=tiny), torch.zeros_like(rs)) * P
+        rs = rs_new
+    return X
+
+
+def _check_options(rho0, max_iter, update_every, cg_iter) -> None:
+    if not isinstance(rho0, (int, float)) or isinstance(rho0, bool) or not rho0 > 0:
+        raise ValueError(f"rho0 must be a positive number, got {rho0!r}")
+    for name, value, low in (("max_iter", max_iter, 1), ("update_every", update_every, 1), ("cg_iter", cg_iter, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

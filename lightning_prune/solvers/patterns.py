@@ -1,0 +1,175 @@
+"""Sparsity patterns: argument checks, the exact projection onto a pattern, and mask checks.
+
+Semantics (shared by every solver and callback):
+
+* ``sparsity`` is the fraction of weights **removed**. A layer ``[out, in]`` pruned at ``sparsity=s`` keeps exactly
+  ``out*in - round(s*out*in)`` weights (per row: ``in - round(s*in)`` in every row).
+* ``nm=(n, m)`` (or the string ``"n:m"``) means **n kept** out of every m consecutive input weights of each row,
+  the hardware pattern: ``"2:4"`` keeps 2 of every 4 (50 % sparsity). ``in`` must be divisible by ``m``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+NM = tuple[int, int]
+
+
+def parse_nm(nm: str | Sequence[int] | None) -> NM | None:
+    """Return ``(n, m)`` for ``"n:m"``, ``(n, m)`` or ``[n, m]``; ``None`` stays ``None``.
+
+    Raises:
+        ValueError: naming ``nm`` when it is not two integers with ``1 <= n <= m``.
+    """
+    if nm is None:
+        return None
+    parts: Sequence
+    if isinstance(nm, str):
+        parts = nm.split(":")
+    elif isinstance(nm, Sequence):
+        parts = nm
+    else:
+        raise ValueError(f"nm must be 'n:m' (e.g. '2:4') or a pair (n, m), got {nm!r}")
+    try:
+        if len(parts) != 2 or any(isinstance(p, (bool, float)) for p in parts):
+            raise TypeError
+        n, m = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"nm must be 'n:m' (e.g. '2:4') or a pair (n, m), got {nm!r}") from None
+    if not 1 <= n <= m:
+        raise ValueError(f"nm={nm!r}: n (kept) must satisfy 1 <= n <= m, got n={n}, m={m}")
+    return n, m
+
+
+def check_sparsity(sparsity: float | None, nm: str | Sequence[int] | None) -> tuple[float | None, NM | None]:
+    """Validate the pattern arguments of a solver: exactly one of ``sparsity`` in [0, 1) or ``nm``."""
+    nm = parse_nm(nm)
+    if (sparsity is None) == (nm is None):
+        raise ValueError("give exactly one of sparsity (fraction removed, in [0, 1)) or nm ('n:m', n kept of m)")
+    if sparsity is not None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        sparsity = float(sparsity)
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1) (fraction of weights removed), got {sparsity}")
+    return sparsity, nm
+
+
+def check_problem(
+    weight: torch.Tensor,
+    gram: torch.Tensor | None,
+    sparsity: float | None,
+    nm: str | Sequence[int] | None,
+) -> tuple[float | None, NM | None]:
+    """Validate a layer problem; return the normalised ``(sparsity, nm)``.
+
+    Args:
+        weight: ``[out, in]`` floating tensor, finite.
+        gram: ``[in, in]`` floating tensor ``H = XᵀX``, finite; ``None`` only for solvers that do not need it.
+        sparsity: fraction removed in [0, 1), or None when ``nm`` is given.
+        nm: ``"n:m"`` / ``(n, m)`` (n kept of every m inputs), or None.
+
+    Raises:
+        ValueError: naming the offending argument.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"weight must be a 2-D floating tensor [out, in], got {_describe(weight)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf")
+    if gram is not None:
+        n_in = weight.shape[1]
+        if not isinstance(gram, torch.Tensor) or not gram.is_floating_point() or gram.shape != (n_in, n_in):
+            raise ValueError(f"gram must be a floating tensor [in, in] = [{n_in}, {n_in}], got {_describe(gram)}")
+        if not torch.isfinite(gram).all():
+            raise ValueError("gram contains NaN or Inf")
+        if gram.device != weight.device:
+            raise ValueError(f"gram is on {gram.device} but weight is on {weight.device}")
+    sparsity, nm = check_sparsity(sparsity, nm)
+    if nm is not None and weight.shape[1] % nm[1] != 0:
+        raise ValueError(f"nm={nm[0]}:{nm[1]} needs the input dimension ({weight.shape[1]}) divisible by m={nm[1]}")
+    return sparsity, nm
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def kept_count(total: int, sparsity: float) -> int:
+    """Number of weights kept out of ``total`` at ``sparsity`` (fraction removed)."""
+    return total - round(sparsity * total)
+
+
+def keep_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (shape of ``scores``) with exactly ``k`` True entries at the largest scores.
+
+    Ties at the threshold are broken by position (lower flat index kept first), so the result is deterministic.
+    """
+    flat = scores.reshape(-1)
+    total = flat.numel()
+    if k >= total:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, total - k + 1).values
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        mask[ties] = True
+    return mask.reshape(scores.shape)
+
+
+def select_mask(
+    scores: torch.Tensor,
+    sparsity: float | None = None,
+    nm: NM | None = None,
+    per_row: bool = False,
+) -> torch.Tensor:
+    """Project ``scores [out, in]`` onto a pattern: the bool mask of the entries to keep.
+
+    Args:
+        scores: importance of each weight (larger = more important).
+        sparsity: fraction removed, compared over the whole layer (``per_row=False``) or within each row.
+        nm: ``(n, m)``: keep the n largest of every m consecutive inputs in each row.
+        per_row: with ``sparsity``, remove the same count from every row.
+    """
+    out_features, in_features = scores.shape
+    if nm is not None:
+        n, m = nm
+        groups = scores.reshape(out_features, in_features // m, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(2, groups.topk(n, dim=2).indices, True)
+        return keep.reshape(out_features, in_features)
+    if per_row:
+        k = kept_count(in_features, sparsity)
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        if k > 0:
+            keep.scatter_(1, scores.topk(k, dim=1).indices, True)
+        return keep
+    return keep_largest(scores, kept_count(scores.numel(), sparsity))
+
+
+def check_mask(mask: torch.Tensor, sparsity: float | None = None, nm: NM | None = None, per_row: bool = False) -> None:
+    """Raise ``ValueError`` unless ``mask`` follows the pattern exactly (used by tests and callbacks)."""
+    out_features, in_features = mask.shape
+    if nm is not None:
+        counts = mask.reshape(out_features, in_features // nm[1], nm[1]).sum(dim=2)
+        if not bool((counts == nm[0]).all()):
+            raise ValueError(f"mask is not {nm[0]}:{nm[1]}: a group of {nm[1]} keeps other than {nm[0]}")
+    elif per_row:
+        k = kept_count(in_features, sparsity)
+        if not bool((mask.sum(dim=1) == k).all()):
+            raise ValueError(f"mask has a row that does not keep exactly {k} weights")
+    else:
+        k = kept_count(mask.numel(), sparsity)
+        if int(mask.sum()) != k:
+            raise ValueError(f"mask keeps {int(mask.sum())} weights, expected {k}")
+
+
+def achieved_sparsity(mask: torch.Tensor) -> float:
+    """Fraction of entries of ``mask`` that are False (removed)."""
+    return 1.0 - int(mask.sum()) / mask.numel()
