@@ -15,8 +15,9 @@ is split as ``B = D`` with ADMM:
 ``VQ`` is updated alongside ``V`` (``VQ ← VQ + ρ(Z − DQ)``), leaving two ``[out, in] × [in, in]`` products per
 iteration: ``DQ = D Q`` and ``B = Z Qᵀ``.
 
-ρ schedule: every ``update_every`` iterations count the support change c (entries that entered the support since
-the previous check); c > 0.1k → ρ×1.3, c > 0.005k → ρ×1.2, c ≥ 1 → ρ×1.1, c = 0 → stop. If the support has not
+ρ schedule: every ``update_every`` iterations look at the support change c, the number of entries that entered the
+support summed over the iterations since the previous check (summing step by step, rather than comparing with the
+support ``update_every`` iterations ago, also counts a support that oscillates and comes back); c > 0.1k → ρ×1.3, c > 0.005k → ρ×1.2, c ≥ 1 → ρ×1.1, c = 0 → stop. If the support has not
 moved at the first check while ρ was never raised, ρ started too large: ρ₀ /= 5 and restart.
 
 Refit: with the support fixed, conjugate gradient on ``B H' = G`` restricted to the support, all rows at once with
@@ -30,8 +31,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .objective import damped_gram, relative_error
-from .patterns import achieved_sparsity, check_problem, select_mask
+from .objective import damped_gram, dead_inputs, relative_error
+from .patterns import Projector, achieved_sparsity, check_problem
 from .result import PruneResult
 
 MAX_RESTARTS = 5
@@ -87,10 +88,13 @@ def alps(
     mu, Q, H_scaled, s = (t.to(dtype) for t in (mu, Q, H_scaled, s))
 
     B0 = weight.detach().to(dtype) * s
+    B0[:, dead_inputs(gram)] = 0  # they cannot affect the objective: score them lowest so they are pruned first
     G = B0 @ H_scaled
 
+    projector = Projector(B0.shape, sparsity, nm, per_row)
+
     def project(U: torch.Tensor) -> torch.Tensor:
-        return select_mask(U.abs(), sparsity, nm, per_row)
+        return projector(U.abs())
 
     D, mask, history, rho, iterations, restarts = _admm(G @ Q, Q, mu, B0, project, rho0, max_iter, update_every)
     new_weight = (D / s).to(weight.dtype)
@@ -126,30 +130,29 @@ def _admm(GQ, Q, mu, B0, project, rho0, max_iter, update_every):
         DQ = D @ Q
         V = torch.zeros_like(B0)
         VQ = torch.zeros_like(B0)
-        k = int(mask.sum())
-        checked_mask = mask
+        k = int(torch.count_nonzero(mask))
         raised = False
         history: list[int] = []
-        iterations = 0
+        iterations = change = 0
         while iterations < max_iter:
             iterations += 1
             Z = (GQ - VQ + rho * DQ) / (mu + rho)
             B = Z @ Q.T
             U = B + V / rho
-            mask = project(U)
+            previous, mask = mask, project(U)
+            change += int(torch.count_nonzero(mask & ~previous))
             D = U * mask
             DQ = D @ Q
             V += rho * (B - D)
             VQ += rho * (Z - DQ)
             if iterations % update_every:
                 continue
-            change = int((mask & ~checked_mask).sum())
             history.append(change)
-            checked_mask = mask
             if change == 0:
                 break
             raised = True
             rho *= 1.3 if change > 0.1 * k else 1.2 if change > 0.005 * k else 1.1
+            change = 0
         if raised or restarts >= MAX_RESTARTS or iterations >= max_iter:
             return D, mask, history, rho, iterations, restarts
         rho0 /= 5

@@ -32,7 +32,7 @@ def magnitude(
     Returns:
         :class:`PruneResult` with the masked weight.
     """
-    sparsity, nm = check_problem(weight, gram, sparsity, nm)
+    sparsity, nm = check_problem(weight, gram, sparsity, nm, needs_gram=False)
     start = time.perf_counter()
     mask = select_mask(weight.detach().abs().float(), sparsity, nm, per_row)
     new_weight = weight.detach() * mask

@@ -62,14 +62,16 @@ def check_problem(
     gram: torch.Tensor | None,
     sparsity: float | None,
     nm: str | Sequence[int] | None,
+    needs_gram: bool = True,
 ) -> tuple[float | None, NM | None]:
     """Validate a layer problem; return the normalised ``(sparsity, nm)``.
 
     Args:
         weight: ``[out, in]`` floating tensor, finite.
-        gram: ``[in, in]`` floating tensor ``H = XᵀX``, finite; ``None`` only for solvers that do not need it.
+        gram: ``[in, in]`` floating tensor ``H = XᵀX``, finite; may be ``None`` when ``needs_gram`` is False.
         sparsity: fraction removed in [0, 1), or None when ``nm`` is given.
         nm: ``"n:m"`` / ``(n, m)`` (n kept of every m inputs), or None.
+        needs_gram: whether the solver needs ``gram`` (default True).
 
     Raises:
         ValueError: naming the offending argument.
@@ -78,6 +80,8 @@ def check_problem(
         raise ValueError(f"weight must be a 2-D floating tensor [out, in], got {_describe(weight)}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf")
+    if gram is None and needs_gram:
+        raise ValueError(f"gram must be a floating tensor [in, in] = [{weight.shape[1]}, {weight.shape[1]}], got None")
     if gram is not None:
         n_in = weight.shape[1]
         if not isinstance(gram, torch.Tensor) or not gram.is_floating_point() or gram.shape != (n_in, n_in):
@@ -103,24 +107,86 @@ def kept_count(total: int, sparsity: float) -> int:
     return total - round(sparsity * total)
 
 
-def keep_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+def keep_largest(scores: torch.Tensor, k: int, guess: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool mask (shape of ``scores``) with exactly ``k`` True entries at the largest scores.
 
     Ties at the threshold are broken by position (lower flat index kept first), so the result is deterministic.
+
+    Args:
+        scores: any shape; compared over all entries.
+        k: number of entries to keep.
+        guess: an estimate of the k-th largest score (e.g. the previous threshold in an iterative solver). When it
+            is close, only the scores in a narrow band around it are ranked, which is several times faster than a
+            full selection; the result is the same either way.
+
+    Returns:
+        ``(mask, threshold)``: the mask and the k-th largest score (a 0-d tensor).
     """
     flat = scores.reshape(-1)
     total = flat.numel()
-    if k >= total:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, total - k + 1).values
+    if k >= total or k <= 0:
+        fill = torch.ones_like if k >= total else torch.zeros_like
+        return fill(scores, dtype=torch.bool), flat.min() if k >= total else flat.max()
+    threshold = None if guess is None else _kth_largest_near(flat, k, guess)
+    if threshold is None:
+        threshold = torch.kthvalue(flat, total - k + 1).values
     mask = flat > threshold
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))
     if missing > 0:
         ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
         mask[ties] = True
-    return mask.reshape(scores.shape)
+    return mask.reshape(scores.shape), threshold
+
+
+def _kth_largest_near(flat: torch.Tensor, k: int, guess: torch.Tensor) -> torch.Tensor | None:
+    """The k-th largest entry of ``flat`` if it lies within a few percent of ``guess``, else None."""
+    for width in (0.02, 0.1, 0.5):
+        above = flat > guess * (1 + width)
+        n_above = int(torch.count_nonzero(above))
+        if n_above >= k:
+            continue
+        band = (flat > guess * (1 - width)) & ~above
+        if n_above + int(torch.count_nonzero(band)) < k:
+            continue
+        candidates = flat[band]
+        return torch.kthvalue(candidates, candidates.numel() - (k - n_above) + 1).values
+    return None
+
+
+class Projector:
+    """Projection of score matrices ``[out, in]`` onto one sparsity pattern: the bool mask of entries to keep.
+
+    Repeated calls (as in an iterative solver) warm-start the layer-wide threshold from the previous call.
+
+    Args:
+        shape: ``(out, in)``.
+        sparsity: fraction removed, compared over the whole layer (``per_row=False``) or within each row.
+        nm: ``(n, m)``: keep the n largest of every m consecutive inputs in each row.
+        per_row: with ``sparsity``, remove the same count from every row.
+    """
+
+    def __init__(self, shape: tuple[int, int], sparsity: float | None = None, nm: NM | None = None, per_row: bool = False):
+        self.shape = tuple(shape)
+        self.sparsity, self.nm, self.per_row = sparsity, nm, per_row
+        out_features, in_features = self.shape
+        self.k = kept_count(in_features if per_row else out_features * in_features, sparsity) if nm is None else None
+        self._threshold: torch.Tensor | None = None
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        out_features, in_features = self.shape
+        if self.nm is not None:
+            n, m = self.nm
+            groups = scores.reshape(out_features, in_features // m, m)
+            keep = torch.zeros_like(groups, dtype=torch.bool)
+            keep.scatter_(2, groups.topk(n, dim=2).indices, True)
+            return keep.reshape(out_features, in_features)
+        if self.per_row:
+            keep = torch.zeros_like(scores, dtype=torch.bool)
+            if self.k > 0:
+                keep.scatter_(1, scores.topk(self.k, dim=1).indices, True)
+            return keep
+        keep, self._threshold = keep_largest(scores, self.k, self._threshold)
+        return keep
 
 
 def select_mask(
@@ -129,28 +195,8 @@ def select_mask(
     nm: NM | None = None,
     per_row: bool = False,
 ) -> torch.Tensor:
-    """Project ``scores [out, in]`` onto a pattern: the bool mask of the entries to keep.
-
-    Args:
-        scores: importance of each weight (larger = more important).
-        sparsity: fraction removed, compared over the whole layer (``per_row=False``) or within each row.
-        nm: ``(n, m)``: keep the n largest of every m consecutive inputs in each row.
-        per_row: with ``sparsity``, remove the same count from every row.
-    """
-    out_features, in_features = scores.shape
-    if nm is not None:
-        n, m = nm
-        groups = scores.reshape(out_features, in_features // m, m)
-        keep = torch.zeros_like(groups, dtype=torch.bool)
-        keep.scatter_(2, groups.topk(n, dim=2).indices, True)
-        return keep.reshape(out_features, in_features)
-    if per_row:
-        k = kept_count(in_features, sparsity)
-        keep = torch.zeros_like(scores, dtype=torch.bool)
-        if k > 0:
-            keep.scatter_(1, scores.topk(k, dim=1).indices, True)
-        return keep
-    return keep_largest(scores, kept_count(scores.numel(), sparsity))
+    """Project ``scores [out, in]`` onto a pattern once: the bool mask of the entries to keep (see :class:`Projector`)."""
+    return Projector(scores.shape, sparsity, nm, per_row)(scores)
 
 
 def check_mask(mask: torch.Tensor, sparsity: float | None = None, nm: NM | None = None, per_row: bool = False) -> None:
@@ -166,10 +212,11 @@ def check_mask(mask: torch.Tensor, sparsity: float | None = None, nm: NM | None 
             raise ValueError(f"mask has a row that does not keep exactly {k} weights")
     else:
         k = kept_count(mask.numel(), sparsity)
-        if int(mask.sum()) != k:
-            raise ValueError(f"mask keeps {int(mask.sum())} weights, expected {k}")
+        kept = int(torch.count_nonzero(mask))
+        if kept != k:
+            raise ValueError(f"mask keeps {kept} weights, expected {k}")
 
 
 def achieved_sparsity(mask: torch.Tensor) -> float:
     """Fraction of entries of ``mask`` that are False (removed)."""
-    return 1.0 - int(mask.sum()) / mask.numel()
+    return 1.0 - int(torch.count_nonzero(mask)) / mask.numel()
