@@ -1,0 +1,243 @@
+"""Per model family: where the decoder blocks are, which modules are prunable, and a uniform weight view.
+
+Known families (by ``model.config.model_type``): ``llama``, ``mistral``, ``qwen2``, ``opt``, ``gpt2``. Any other
+model falls back to the longest ``nn.ModuleList`` of identical-class blocks holding prunable layers.
+
+Layer selection follows the llm-compressor convention for ``targets`` / ``ignore`` / ``sequential_targets``
+entries:
+
+* a plain string matches a module whose full name equals it or ends with ``"." + string``, or whose class name
+  equals it (``"q_proj"``, ``"mlp.c_proj"``, ``"Linear"``);
+* ``"re:<pattern>"`` matches when ``re.match(pattern, full_name)`` succeeds (``"re:.*self_attn.*"``).
+
+Full names are relative to the model passed to :func:`find_blocks` (``"model.layers.3.self_attn.q_proj"``).
+Embeddings and ``lm_head`` live outside the blocks, so they are never prunable here.
+
+Prunable modules are ``nn.Linear`` (weight ``[out, in]``) and GPT-2's ``transformers.pytorch_utils.Conv1D``
+(weight stored ``[in, out]``); :func:`weight_view` and :func:`set_weight` always speak ``[out, in]``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+PRUNABLE_TYPES = (nn.Linear, Conv1D)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the driver needs to know about one model family.
+
+    Attributes:
+        block_paths: candidate dotted paths of the decoder-block ``nn.ModuleList``, tried in order (causal-LM
+            wrapper first, then the bare base model).
+        sequential_targets: default groups for true-sequential mode, in forward order; each group lists
+            patterns (see the module docstring) of layers that see the same block state.
+    """
+
+    block_paths: tuple[str, ...]
+    sequential_targets: tuple[tuple[str, ...], ...]
+
+
+_LLAMA_LIKE = Family(
+    block_paths=("model.layers", "layers"),
+    sequential_targets=(("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
+)
+
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "opt": Family(
+        block_paths=("model.decoder.layers", "decoder.layers"),
+        sequential_targets=(("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",)),
+    ),
+    "gpt2": Family(
+        block_paths=("transformer.h", "h"),
+        sequential_targets=(("c_attn",), ("attn.c_proj",), ("c_fc",), ("mlp.c_proj",)),
+    ),
+}
+
+
+def family_of(model: nn.Module) -> Family | None:
+    """The :class:`Family` of ``model`` from ``model.config.model_type``, or None for an unknown family."""
+    return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Locate the decoder blocks of ``model``.
+
+    Returns:
+        ``(path, blocks)``: the dotted path of the ``nn.ModuleList`` inside ``model`` and the list itself.
+
+    Raises:
+        ValueError: naming ``model`` when no list of repeated blocks with prunable layers is found.
+    """
+    family = family_of(model)
+    if family is not None:
+        for path in family.block_paths:
+            try:
+                blocks = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(blocks, nn.ModuleList):
+                return path, blocks
+    return _find_repeated_blocks(model)
+
+
+def _find_repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Generic fallback: the longest outermost ``nn.ModuleList`` of identical-class blocks with prunable layers.
+
+    "Outermost" skips lists nested inside another candidate's blocks (e.g. the experts of an MoE block), ties go
+    to the first list in module order.
+    """
+    candidates: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1 or isinstance(module[0], PRUNABLE_TYPES):
+            continue
+        if not any(isinstance(m, PRUNABLE_TYPES) for m in module[0].modules()):
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in candidates):
+            continue
+        candidates.append((name, module))
+    if not candidates:
+        raise ValueError(
+            f"model: found no nn.ModuleList of repeated blocks containing nn.Linear or Conv1D layers in "
+            f"{type(model).__name__}; supported families: {sorted(FAMILIES)} or any model with such a list"
+        )
+    return max(candidates, key=lambda candidate: len(candidate[1]))
+
+
+def check_patterns(patterns: str | Sequence[str] | None, argument: str) -> list[str] | None:
+    """Normalise a pattern list (``None``, one string, or a sequence of strings) and compile its regexes.
+
+    Raises:
+        ValueError: naming ``argument`` for a non-string entry or an invalid ``"re:"`` regex.
+    """
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(
+            f"{argument} must be a list of non-empty strings (module names, class names or 're:<regex>'), "
+            f"got {patterns!r}"
+        )
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as error:
+                raise ValueError(f"{argument}: invalid regex in {pattern!r}: {error}") from None
+    return list(patterns)
+
+
+def matches(full_name: str, module: nn.Module, pattern: str) -> bool:
+    """Whether ``pattern`` (see the module docstring) selects the module ``full_name``."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], full_name) is not None
+    return full_name == pattern or full_name.endswith("." + pattern) or type(module).__name__ == pattern
+
+
+def prunable_layers(
+    block: nn.Module,
+    block_prefix: str,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+) -> dict[str, nn.Module]:
+    """The ``nn.Linear`` / ``Conv1D`` modules of ``block`` selected by ``targets`` minus ``ignore``.
+
+    Args:
+        block: one decoder block.
+        block_prefix: its full name in the model (``"model.layers.0"``), prepended to the module names.
+        targets: patterns of layers to prune (default None: every linear in the block).
+        ignore: patterns of layers to leave alone (default None: none).
+
+    Returns:
+        ``{full_name: module}`` in module order.
+    """
+    targets = check_patterns(targets, "targets")
+    ignore = check_patterns(ignore, "ignore") or []
+    layers = {}
+    for name, module in block.named_modules():
+        if not isinstance(module, PRUNABLE_TYPES):
+            continue
+        full_name = f"{block_prefix}.{name}"
+        if targets is not None and not any(matches(full_name, module, p) for p in targets):
+            continue
+        if any(matches(full_name, module, p) for p in ignore):
+            continue
+        layers[full_name] = module
+    return layers
+
+
+def default_sequential_targets(model: nn.Module) -> list[list[str]] | None:
+    """The true-sequential groups of the family of ``model`` (lists of patterns), or None for an unknown family."""
+    family = family_of(model)
+    return None if family is None else [list(group) for group in family.sequential_targets]
+
+
+def sequential_groups(
+    layers: dict[str, nn.Module], sequential_targets: Sequence[str | Sequence[str]]
+) -> list[dict[str, nn.Module]]:
+    """Split one block's selected layers into true-sequential groups.
+
+    Args:
+        layers: ``{full_name: module}`` from :func:`prunable_layers`.
+        sequential_targets: groups of patterns in forward order (a bare string is a group of one pattern).
+
+    Returns:
+        Non-empty groups in the given order; each layer joins the first group it matches, and layers matching
+        no group form one last group so they are still pruned.
+
+    Raises:
+        ValueError: naming ``sequential_targets`` when it is not a list of pattern lists.
+    """
+    if isinstance(sequential_targets, str) or not isinstance(sequential_targets, Sequence):
+        raise ValueError(
+            f"sequential_targets must be a list of groups, each a list of patterns, got {sequential_targets!r}"
+        )
+    patterns = [check_patterns(group, "sequential_targets") or [] for group in sequential_targets]
+    groups: list[dict[str, nn.Module]] = [{} for _ in range(len(patterns) + 1)]
+    for name, module in layers.items():
+        index = next((i for i, group in enumerate(patterns) if any(matches(name, module, p) for p in group)), -1)
+        groups[index][name] = module
+    return [group for group in groups if group]
+
+
+def _check_prunable(module: nn.Module) -> None:
+    if not isinstance(module, PRUNABLE_TYPES):
+        raise ValueError(f"module must be nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def in_features(module: nn.Module) -> int:
+    """Input width ``in`` of a prunable layer, read from its attributes (never from a possibly sharded weight)."""
+    _check_prunable(module)
+    return module.nx if isinstance(module, Conv1D) else module.in_features
+
+
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The weight of ``module`` as a ``[out, in]`` view (GPT-2 ``Conv1D`` stores ``[in, out]``: transposed view)."""
+    _check_prunable(module)
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Copy ``weight [out, in]`` into ``module`` in place, cast to the module's dtype and device.
+
+    Raises:
+        ValueError: naming ``weight`` when its shape is not the module's ``[out, in]``.
+    """
+    view = weight_view(module)
+    if tuple(weight.shape) != tuple(view.shape):
+        raise ValueError(f"weight must have shape [out, in] = {list(view.shape)}, got {list(weight.shape)}")
+    with torch.no_grad():
+        view.copy_(weight)

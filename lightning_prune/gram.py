@@ -1,0 +1,77 @@
+"""Streaming accumulation of the Gram matrix ``H = Σ_t x_t x_tᵀ`` of one linear layer's inputs.
+
+The solvers take ``H`` summed (not averaged) over the valid calibration tokens, together with the token count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRAM_DTYPES = (torch.float32, torch.float64)
+
+
+class GramAccumulator:
+    """Sum ``xᵀx`` over the valid tokens of every batch fed to one layer.
+
+    Example::
+
+        acc = GramAccumulator("model.layers.0.mlp.down_proj", in_features=1536)
+        acc.add(x, valid=attention_mask.bool())  # x [batch, seq, 1536], valid [batch, seq]
+        H, tokens = acc.H, acc.tokens
+
+    Args:
+        name: the layer's full name, used in error messages.
+        in_features: input width ``in`` of the layer.
+        device: where ``H`` lives (default CPU); inputs on another device are moved there.
+        dtype: accumulation dtype, ``torch.float32`` (default) or ``torch.float64``; inputs are cast to it.
+
+    Attributes:
+        H: ``[in, in]`` running sum of ``xᵀx`` over valid tokens (zeros before the first batch).
+        tokens: number of valid tokens accumulated so far.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        in_features: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if dtype not in GRAM_DTYPES:
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+        self.name = name
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Accumulate one batch of layer inputs.
+
+        Args:
+            x: ``[batch, seq, in]`` or ``[tokens, in]`` (any leading shape), any float dtype.
+            valid: bool mask over ``x``'s leading dimensions (``[batch, seq]`` or ``[tokens]``), True for real
+                tokens; padding tokens are skipped. None: every token counts.
+
+        Raises:
+            ValueError: naming ``x`` or ``valid`` for a wrong shape or dtype, and naming the layer when a valid
+                token's activation is NaN or Inf.
+        """
+        in_features = self.H.shape[0]
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != in_features:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a float tensor [..., {in_features}] for layer {self.name}, got {shape}")
+        rows = x.detach().reshape(-1, in_features)
+        if valid is not None:
+            if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.numel() != rows.shape[0]:
+                shape = tuple(valid.shape) if isinstance(valid, torch.Tensor) else type(valid).__name__
+                raise ValueError(
+                    f"valid must be a bool tensor over x's leading dimensions {tuple(x.shape[:-1])} "
+                    f"for layer {self.name}, got {shape}"
+                )
+            rows = rows[valid.reshape(-1).to(rows.device)]
+        rows = rows.to(device=self.H.device, dtype=self.H.dtype)
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"layer {self.name}: calibration activations at its input contain NaN or Inf")
+        self.H.addmm_(rows.T, rows)
+        self.tokens += rows.shape[0]

@@ -1,0 +1,444 @@
+"""Block-sequential calibration driver: prune a transformers decoder model one block at a time.
+
+Flow of :func:`prune_model`:
+
+1. Run the model's forward over the calibration batches until the first decoder block is called; a pre-hook
+   records the exact positional and keyword arguments the model passed to it (hidden states, causal mask,
+   ``position_ids``, ``position_embeddings``, …) and aborts the forward, so the rest of the model never runs.
+2. For each block in order: hook its selected layers (one group at a time in true-sequential mode), run the block
+   over every batch to accumulate ``H = Σ xᵀx`` per layer over the non-padding tokens (:mod:`lightning_prune.gram`),
+   call ``solve`` per layer, write the new weight back; then run the *pruned* block over every batch: its outputs
+   are the next block's inputs.
+3. Blocks after the last one with selected layers are never run.
+
+Memory (peak, besides the model itself):
+
+* calibration activations, one block's worth: ``n_batches × batch × seq × hidden × bytes(model dtype)`` (each
+  block's outputs replace its inputs batch by batch, so one extra batch at a time), plus the captured keyword
+  arguments (e.g. a 4-D attention mask per padded batch, rotary ``cos``/``sin``). With ``offload="cpu"`` these
+  live in CPU memory and each batch visits the block's device in turn;
+* the Gram matrices of the layers being solved, ``Σ in² × 4`` bytes (× 8 with ``gram_dtype=torch.float64``) on the
+  layers' device: all selected layers of one block, or one true-sequential group;
+* in CPU memory, for rollback and the report: a copy of every pruned layer's original weight and its bool mask
+  (one byte per weight), kept until :func:`prune_model` returns.
+
+The model may be in any dtype and on any device (or spread over devices); the driver does not move the model.
+Decoder blocks may return a tensor (transformers 5 LLaMA) or a tuple whose first item is the hidden states.
+Limitation: the arguments captured for the first block are reused for every block, so models whose blocks take
+different attention masks (``config.layer_types`` with more than one kind, e.g. alternating sliding windows) are
+refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import (
+    default_sequential_targets,
+    find_blocks,
+    in_features,
+    prunable_layers,
+    sequential_groups,
+    set_weight,
+    weight_view,
+)
+from .gram import GRAM_DTYPES, GramAccumulator
+from .solvers.result import PruneResult
+
+Solve = Callable[[str, torch.Tensor, torch.Tensor, int], PruneResult]
+"""``solve(name, weight [out, in], gram [in, in], tokens) -> PruneResult``.
+
+``name`` is the layer's full name in the model; ``weight`` a detached view of its current weight (model dtype, on the
+layer's device; never modify it in place); ``gram`` the undamped ``H = Σ xᵀx`` over ``tokens`` valid calibration
+tokens (``gram_dtype``, same device).
+"""
+
+Progress = Callable[[str, int, int, PruneResult], None]
+"""``progress(name, block_index, n_blocks, result)``, called after each layer's new weight is written."""
+
+OFFLOAD_CHOICES = ("cpu", None)
+
+
+@dataclass
+class LayerReport:
+    """What :func:`prune_model` returns per pruned layer.
+
+    Attributes:
+        block_index: index of the decoder block holding the layer.
+        mask: bool ``[out, in]`` on the CPU, True where a weight is kept.
+        stats: the solver's diagnostics (``PruneResult.stats``: ``method``, ``rel_error``, ``sparsity``,
+            ``seconds``, …).
+        tokens: number of valid calibration tokens in the layer's gram.
+    """
+
+    block_index: int
+    mask: torch.Tensor
+    stats: dict[str, Any]
+    tokens: int
+
+
+def prune_model(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+    solve: Solve,
+    *,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+    true_sequential: bool = False,
+    sequential_targets: Sequence[Sequence[str]] | None = None,
+    offload: str | None = "cpu",
+    gram_dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> dict[str, LayerReport]:
+    """Prune the linear layers of ``model``'s decoder blocks in place, block by block, from calibration data.
+
+    Example::
+
+        from lightning_prune.solvers import wanda
+
+        def solve(name, weight, gram, tokens):
+            return wanda(weight, gram, sparsity=0.5)
+
+        reports = prune_model(model, [{"input_ids": ids, "attention_mask": mask}], solve, ignore=["re:.*mlp.*"])
+
+    Args:
+        model: a transformers decoder model (causal-LM head or bare base model) of a family known to
+            :mod:`lightning_prune.architectures`, or any model with a list of repeated blocks. Its forward must
+            accept ``input_ids``, ``attention_mask`` and ``use_cache`` keywords.
+        batches: iterated once. Each item is a tensor of input ids ``[batch, seq]`` (or ``[seq]``) or a mapping with
+            ``input_ids`` and optionally ``attention_mask`` (1 = real token, 0 = padding; other keys are ignored),
+            as a causal-LM dataloader yields. Padding tokens are excluded from every gram.
+        solve: the layer solver, see :data:`Solve`.
+        targets: layers to prune, as names / class names / ``"re:"`` regexes (see :mod:`lightning_prune.architectures`);
+            default None: every ``nn.Linear`` / ``Conv1D`` inside the decoder blocks (never embeddings or ``lm_head``).
+        ignore: layers to leave dense, same syntax; default None.
+        true_sequential: within a block, solve the layers group by group (e.g. q/k/v, then o, then gate/up, then
+            down), each group's grams computed with the earlier groups already pruned. Default False: every layer of
+            a block sees the dense block.
+        sequential_targets: the groups for ``true_sequential``, lists of patterns in forward order; default None:
+            the family's groups. Layers matching no group are solved last, as one group.
+        offload: ``"cpu"`` (default) keeps calibration activations in CPU memory between blocks; None keeps them
+            where the blocks produce them.
+        gram_dtype: ``torch.float32`` (default) or ``torch.float64`` accumulation of the grams.
+        progress: optional callback, see :data:`Progress`.
+
+    Returns:
+        ``{full layer name: LayerReport}`` in pruning order.
+
+    Raises:
+        ValueError: for any bad argument, when no layer is selected (listing available layer names), for empty
+            calibration (no batch or no valid token), NaN/Inf activations (naming the layer), or a bad solver result.
+            Everything is validated before the first weight changes; if anything raises later (including inside
+            ``solve`` or ``progress``), every weight already written is restored bit for bit and the error re-raised.
+
+    The model's training flag and ``config.use_cache`` are restored on return; calibration runs in eval mode,
+    under ``torch.no_grad()``, with ``use_cache=False``.
+    """
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
+    if gram_dtype not in GRAM_DTYPES:
+        raise ValueError(f"gram_dtype must be torch.float32 or torch.float64, got {gram_dtype!r}")
+    if not callable(solve):
+        raise ValueError(f"solve must be callable (name, weight, gram, tokens) -> PruneResult, got {solve!r}")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be None or callable (name, block_index, n_blocks, result), got {progress!r}")
+    path, blocks = find_blocks(model)
+    _check_uniform_blocks(model, len(blocks))
+    plan = _plan(model, path, blocks, targets, ignore, true_sequential, sequential_targets)
+    last = max(index for index, groups in enumerate(plan) if groups)
+
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    was_training = model.training
+    originals: list[tuple[nn.Module, torch.Tensor]] = []
+    reports: dict[str, LayerReport] = {}
+    model.eval()
+    if use_cache is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            inputs = _capture_block_inputs(model, blocks[0], batches, offload)
+            for index in range(last + 1):
+                block = blocks[index]
+                device = _device_of(block)
+                for group in plan[index]:
+                    grams = _collect_grams(block, group, inputs, device, gram_dtype)
+                    for name, module in group.items():
+                        gram = grams.pop(name)
+                        originals.append((module, module.weight.detach().to("cpu", copy=True)))
+                        result = _solve_layer(solve, name, module, gram)
+                        set_weight(module, result.weight)
+                        mask = result.mask.detach().to("cpu")
+                        reports[name] = LayerReport(index, mask, dict(result.stats), gram.tokens)
+                        if progress is not None:
+                            progress(name, index, len(blocks), result)
+                if index < last:
+                    for batch in inputs:
+                        batch.hidden = _to(batch.run(block, device), "cpu" if offload else None)
+    except BaseException:
+        with torch.no_grad():
+            for module, weight in reversed(originals):
+                module.weight.copy_(weight)
+        raise
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            config.use_cache = use_cache
+    return reports
+
+
+class _BlockInputsCaught(Exception):
+    """Raised by the pre-hook on the first block to stop the model's forward once its inputs are recorded."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.args = args
+        self.kwargs = kwargs
+
+
+@dataclass
+class _CalibrationBatch:
+    """One batch's inputs to the current block.
+
+    Attributes:
+        hidden: ``[batch, seq, hidden]`` hidden states entering the current block.
+        args: the other positional arguments the model passed to the first block.
+        kwargs: its keyword arguments (without ``hidden_states`` when that was passed by keyword).
+        hidden_positional: whether the hidden states came as the first positional argument.
+        valid: bool ``[batch, seq]``, True for real tokens.
+    """
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict[str, Any]
+    hidden_positional: bool
+    valid: torch.Tensor
+
+    def run(self, block: nn.Module, device: torch.device) -> torch.Tensor:
+        """The block's output hidden states for this batch, computed on ``device``."""
+        hidden = self.hidden.to(device)
+        args, kwargs = _to(self.args, device), _to(self.kwargs, device)
+        if self.hidden_positional:
+            out = block(hidden, *args, **kwargs)
+        else:
+            out = block(*args, hidden_states=hidden, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _ValidTokens:
+    """The valid-token mask of the batch the block is currently running, read by the gram hooks."""
+
+    mask: torch.Tensor | None = None
+
+
+def _check_uniform_blocks(model: nn.Module, n_blocks: int) -> None:
+    """Refuse models whose blocks take different attention masks (captured arguments are shared by all blocks)."""
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    if layer_types is not None and len(set(layer_types[:n_blocks])) > 1:
+        raise ValueError(
+            f"model: blocks of different attention kinds {sorted(set(layer_types))} (config.layer_types) are not "
+            "supported: the driver reuses the first block's arguments for every block"
+        )
+
+
+def _plan(
+    model: nn.Module,
+    path: str,
+    blocks: nn.ModuleList,
+    targets: str | Sequence[str] | None,
+    ignore: str | Sequence[str] | None,
+    true_sequential: bool,
+    sequential_targets: Sequence[Sequence[str]] | None,
+) -> list[list[dict[str, nn.Module]]]:
+    """Per block, the groups of layers solved together (empty list: nothing to prune in that block)."""
+    if not isinstance(true_sequential, bool):
+        raise ValueError(f"true_sequential must be True or False, got {true_sequential!r}")
+    layers = [prunable_layers(block, f"{path}.{index}", targets, ignore) for index, block in enumerate(blocks)]
+    if not any(layers):
+        available = [name for index, block in enumerate(blocks) for name in prunable_layers(block, f"{path}.{index}")]
+        raise ValueError(
+            f"targets={targets!r} with ignore={ignore!r} select no prunable layer; available layers include "
+            f"{available[:8]}"
+        )
+    if not true_sequential:
+        if sequential_targets is not None:
+            raise ValueError("sequential_targets only applies with true_sequential=True")
+        return [[block_layers] if block_layers else [] for block_layers in layers]
+    if sequential_targets is None:
+        sequential_targets = default_sequential_targets(model)
+        if sequential_targets is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise ValueError(
+                f"sequential_targets: no default groups for model type {model_type!r}; pass them explicitly, "
+                "e.g. [['q_proj', 'k_proj', 'v_proj'], ['o_proj'], ['gate_proj', 'up_proj'], ['down_proj']]"
+            )
+    return [sequential_groups(block_layers, sequential_targets) for block_layers in layers]
+
+
+def _capture_block_inputs(
+    model: nn.Module,
+    first_block: nn.Module,
+    batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+    offload: str | None,
+) -> list[_CalibrationBatch]:
+    """Run the model until its first block on every batch; return what the block received, per batch."""
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        raise _BlockInputsCaught(args, kwargs)
+
+    storage = "cpu" if offload else None
+    device = _input_device(model)
+    captured = []
+    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for index, batch in enumerate(batches):
+            input_ids, attention_mask = _unpack(batch, index)
+            try:
+                model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=None if attention_mask is None else attention_mask.to(device),
+                    use_cache=False,
+                )
+            except _BlockInputsCaught as caught:
+                args, kwargs = caught.args, dict(caught.kwargs)
+                positional = bool(args)
+            else:
+                raise ValueError("model: its forward never called the first decoder block")
+            if args:
+                hidden, args = args[0], args[1:]
+            elif "hidden_states" in kwargs:
+                hidden = kwargs.pop("hidden_states")
+            else:
+                raise ValueError("model: the first decoder block received no hidden states (positional or keyword)")
+            valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            captured.append(
+                _CalibrationBatch(
+                    hidden=_to(hidden, storage),
+                    args=_to(args, storage),
+                    kwargs=_to(kwargs, storage),
+                    hidden_positional=positional,
+                    valid=valid.to(hidden.device if storage is None else storage),
+                )
+            )
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("batches: no calibration batch")
+    if sum(int(batch.valid.sum()) for batch in captured) == 0:
+        raise ValueError("batches: no valid calibration token (every attention_mask entry is 0)")
+    return captured
+
+
+def _unpack(batch: object, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(input_ids [batch, seq], attention_mask [batch, seq] or None)`` of one calibration batch."""
+    if isinstance(batch, torch.Tensor):
+        input_ids, attention_mask = batch, None
+    elif isinstance(batch, Mapping) and "input_ids" in batch:
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+    else:
+        raise ValueError(
+            f"batches[{index}] must be a tensor of input ids or a mapping with 'input_ids' (and optionally "
+            f"'attention_mask'), got {type(batch).__name__}"
+        )
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.is_floating_point()
+        or input_ids.dtype == torch.bool
+        or input_ids.dim() not in (1, 2)
+    ):
+        raise ValueError(f"batches[{index}]: input_ids must be an integer tensor [batch, seq] or [seq]")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        raise ValueError(
+            f"batches[{index}]: attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}"
+        )
+    return input_ids, attention_mask
+
+
+def _collect_grams(
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: list[_CalibrationBatch],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, GramAccumulator]:
+    """Run ``block`` over every batch with hooks accumulating the grams of ``layers``; remove the hooks."""
+    valid = _ValidTokens()
+    grams = {}
+    handles = []
+    try:
+        for name, module in layers.items():
+            grams[name] = GramAccumulator(name, in_features(module), module.weight.device, dtype)
+            handles.append(module.register_forward_hook(_gram_hook(grams[name], valid)))
+        for batch in inputs:
+            valid.mask = batch.valid.to(device)
+            batch.run(block, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def _gram_hook(gram: GramAccumulator, valid: _ValidTokens) -> Callable[[nn.Module, tuple, Any], None]:
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        gram.add(args[0], valid.mask)
+
+    return hook
+
+
+def _solve_layer(solve: Solve, name: str, module: nn.Module, gram: GramAccumulator) -> PruneResult:
+    """Call ``solve`` on one layer and check its result."""
+    if gram.tokens == 0:
+        raise ValueError(f"layer {name} received no calibration token: the block's forward never calls it")
+    weight = weight_view(module).detach()
+    result = solve(name, weight, gram.H, gram.tokens)
+    if not isinstance(result, PruneResult):
+        raise ValueError(f"solve must return a PruneResult for layer {name}, got {type(result).__name__}")
+    shape = tuple(weight.shape)
+    if tuple(result.weight.shape) != shape or tuple(result.mask.shape) != shape or result.mask.dtype != torch.bool:
+        raise ValueError(
+            f"solve returned weight {tuple(result.weight.shape)} / mask {tuple(result.mask.shape)} "
+            f"{result.mask.dtype} for layer {name}; expected weight and bool mask of shape {shape}"
+        )
+    if not bool(torch.isfinite(result.weight).all()):
+        raise ValueError(f"solve returned a weight with NaN or Inf for layer {name}")
+    return result
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model's input ids must go: the input embedding's device, else the first parameter's."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    if isinstance(embeddings, nn.Module):
+        return _device_of(embeddings)
+    return _device_of(model)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
+def _to(value: Any, device: torch.device | str | None) -> Any:
+    """``value`` with every tensor inside plain tuples, lists and dicts moved to ``device`` (None: unchanged)."""
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if type(value) in (tuple, list):
+        return type(value)(_to(item, device) for item in value)
+    if type(value) is dict:
+        return {key: _to(item, device) for key, item in value.items()}
+    return value

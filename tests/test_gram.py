@@ -1,0 +1,72 @@
+"""GramAccumulator: H = Σ xᵀx over valid tokens, streamed."""
+
+import pytest
+import torch
+
+from lightning_prune.gram import GramAccumulator
+
+
+def test_streaming_sum_equals_one_shot_gram():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    acc = GramAccumulator("layer", 8)
+    acc.add(x[:2])
+    acc.add(x[2].reshape(5, 8))
+    rows = x.reshape(-1, 8).double()
+    torch.testing.assert_close(acc.H.double(), rows.T @ rows, rtol=1e-5, atol=1e-5)
+    assert acc.tokens == 15
+    assert acc.H.dtype == torch.float32
+
+
+def test_padding_tokens_are_excluded():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 4)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 3:] = False
+    x[1, 3:] = float("nan")  # padding may hold anything, even NaN
+    acc = GramAccumulator("layer", 4)
+    acc.add(x, valid)
+    rows = torch.cat([x[0], x[1, :3]]).double()
+    torch.testing.assert_close(acc.H.double(), rows.T @ rows, rtol=1e-5, atol=1e-5)
+    assert acc.tokens == 9
+
+
+def test_fp64_accumulation_and_low_precision_inputs():
+    x = torch.randn(4, 3).to(torch.bfloat16)
+    acc = GramAccumulator("layer", 3, dtype=torch.float64)
+    acc.add(x)
+    assert acc.H.dtype == torch.float64
+    torch.testing.assert_close(acc.H, x.double().T @ x.double())
+
+
+def test_nan_activation_names_the_layer():
+    acc = GramAccumulator("model.layers.3.mlp.down_proj", 2)
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.down_proj.*NaN"):
+        acc.add(torch.tensor([[1.0, float("inf")]]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        (dict(in_features=0), "in_features"),
+        (dict(in_features=2, dtype=torch.float16), "dtype"),
+    ],
+)
+def test_bad_construction(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        GramAccumulator("layer", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("x", "valid", "argument"),
+    [
+        (torch.ones(2, 3), None, "x"),
+        (torch.ones(2, 2, dtype=torch.long), None, "x"),
+        (torch.ones(2, 2), torch.ones(3, dtype=torch.bool), "valid"),
+        (torch.ones(2, 2), torch.ones(2), "valid"),
+    ],
+)
+def test_bad_batches(x, valid, argument):
+    acc = GramAccumulator("layer", 2)
+    with pytest.raises(ValueError, match=argument):
+        acc.add(x, valid)
