@@ -1,0 +1,185 @@
+"""Save pruned models as plain Hugging Face directories, with their sparsity recorded in ``sparsity.json``.
+
+A saved directory holds what ``save_pretrained`` writes (``config.json``, safetensors weights), the tokenizer if one
+was given, and ``sparsity.json``::
+
+    {
+      "format_version": 1,
+      "metadata": {...},            # the caller's dict (method, sparsity / pattern, per-layer solver stats, ...)
+      "measured": {                 # zeros counted in the saved weights of every linear layer but the LM head
+        "layers": {"model.layers.0.mlp.up_proj": {"shape": [...], "numel": n, "zeros": z, "sparsity": z / n}},
+        "total": {"numel": n, "zeros": z, "sparsity": z / n}
+      }
+    }
+
+It reloads with ``AutoModelForCausalLM.from_pretrained(directory)``; pruned weights are stored as zeros (dense).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+#: Name of the metadata file written next to the weights.
+SPARSITY_FILE = "sparsity.json"
+
+#: Version of the ``sparsity.json`` layout written by :func:`save_pruned`.
+FORMAT_VERSION = 1
+
+#: Linear layer types whose weights are measured and masked: ``nn.Linear`` (weight ``[out, in]``) and GPT-2's
+#: ``Conv1D`` (weight stored ``[in, out]``). Shapes and masks below are in the stored layout.
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the :data:`LINEAR_TYPES` modules of ``model`` except the output embedding (LM head), in order."""
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    return [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES) and module is not head]
+
+
+def masks_from_model(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """Nonzero pattern of linear weights: ``{name: weight != 0}``, bool, in the stored weight layout and device.
+
+    Args:
+        model: the (pruned) model.
+        names: module names of :data:`LINEAR_TYPES` layers (as in ``model.named_modules()``); ``None`` (default)
+            means :func:`linear_layer_names`.
+
+    Raises:
+        ValueError: naming ``names`` when one is not a linear layer of ``model``.
+    """
+    modules = dict(model.named_modules())
+    names = linear_layer_names(model) if names is None else list(names)
+    masks = {}
+    for name in names:
+        if not isinstance(modules.get(name), LINEAR_TYPES):
+            raise ValueError(f"names must be module names of nn.Linear / Conv1D layers of the model, got {name!r}")
+        masks[name] = modules[name].weight.detach() != 0
+    return masks
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON fallback for tensors, numpy values, paths and dtypes found in caller metadata."""
+    if isinstance(value, (Tensor, np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, (Path, torch.dtype)):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _measure(directory: Path, names: list[str]) -> dict[str, Any]:
+    """Count zeros of ``{name}.weight`` for every name in the safetensors files saved under ``directory``."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(directory / "model.safetensors", framework="pt") as f:
+            weight_map = {key: "model.safetensors" for key in f.keys()}
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        key = f"{name}.weight"
+        if key not in weight_map:
+            raise RuntimeError(f"save_pretrained stored no tensor {key!r}; cannot measure its sparsity")
+        by_file.setdefault(weight_map[key], []).append(name)
+    layers = {}
+    for filename, file_names in by_file.items():
+        with safe_open(directory / filename, framework="pt") as f:
+            for name in file_names:
+                weight = f.get_tensor(f"{name}.weight")
+                zeros = int((weight == 0).sum())
+                layers[name] = {"shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
+                                "sparsity": zeros / weight.numel()}
+    layers = {name: layers[name] for name in names}
+    numel = sum(layer["numel"] for layer in layers.values())
+    zeros = sum(layer["zeros"] for layer in layers.values())
+    return {"layers": layers, "total": {"numel": numel, "zeros": zeros, "sparsity": zeros / numel if numel else 0.0}}
+
+
+def save_pruned(
+    model: PreTrainedModel,
+    directory: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save ``model`` (safetensors), ``tokenizer`` and ``sparsity.json`` to ``directory``, all or nothing.
+
+    Everything is written to a hidden temporary sibling of ``directory`` that is renamed into place at the end:
+    a crash leaves either no ``directory`` or a complete one (with ``overwrite``, the previous one stays complete
+    until the rename). Call it on one process only (global rank 0) with full, unsharded weights.
+
+    Args:
+        model: a ``transformers`` model whose pruned weights are zeros.
+        directory: target directory; its parent is created if missing.
+        tokenizer: tokenizer object, or a directory / hub name to load it from with ``AutoTokenizer``, saved
+            alongside; ``None`` (default) saves none.
+        metadata: JSON-serializable dict recorded as ``sparsity.json["metadata"]`` (tensors and numpy values are
+            converted to lists / numbers); ``None`` (default) records ``{}``.
+        overwrite: replace an existing ``directory`` (default ``False``).
+
+    Returns:
+        The path of the saved directory.
+
+    Raises:
+        ValueError: naming ``directory`` when it exists and ``overwrite`` is false, or ``metadata`` when it is not a
+            JSON-serializable mapping.
+    """
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise ValueError(f"directory {str(directory)!r} already exists: choose another or pass overwrite=True")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+    try:
+        metadata_json = json.loads(json.dumps(dict(metadata or {}), default=_jsonable))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"metadata must be JSON-serializable: {error}") from None
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        record = {
+            "format_version": FORMAT_VERSION,
+            "metadata": metadata_json,
+            "measured": _measure(staging, linear_layer_names(model)),
+        }
+        (staging / SPARSITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if directory.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+            os.replace(directory, previous / directory.name)
+            os.replace(staging, directory)
+            shutil.rmtree(previous)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_sparsity_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read ``sparsity.json`` of a directory written by :func:`save_pruned` (keys: see the module docstring).
+
+    Raises:
+        ValueError: naming ``directory`` when it has no ``sparsity.json``.
+    """
+    path = Path(directory) / SPARSITY_FILE
+    if not path.is_file():
+        raise ValueError(f"directory {str(directory)!r} has no {SPARSITY_FILE}: it was not written by save_pruned")
+    return json.loads(path.read_text())
