@@ -7,7 +7,7 @@ import torch
 
 from lightning_prune.solvers import SOLVERS, alps, check_mask, magnitude, sparsegpt, wanda
 from lightning_prune.solvers.objective import relative_error
-from lightning_prune.solvers.patterns import keep_largest, parse_nm
+from lightning_prune.solvers.patterns import Projector, keep_largest, keep_largest_in_groups, parse_nm
 
 PATTERNS = [{"sparsity": 0.5}, {"sparsity": 0.7}, {"sparsity": 0.9}, {"nm": "2:4"}, {"nm": (4, 8)}]
 
@@ -158,15 +158,24 @@ def test_alps_stats_and_rho_restart():
     assert capped.stats["iterations"] == 4
 
 
-def test_keep_largest_guess_gives_same_mask_with_ties():
+def test_projections_are_exact_with_ties():
     g = torch.Generator().manual_seed(0)
-    scores = torch.randint(0, 20, (300,), generator=g).float()  # many ties
-    for k in (0, 1, 37, 150, 299, 300):
-        exact, threshold = keep_largest(scores, k)
+    scores = torch.randint(0, 20, (12, 40), generator=g).float()  # many ties
+    for k in (0, 1, 37, 150, 479, 480):
+        exact = keep_largest(scores, k)
         assert int(exact.sum()) == k
-        for guess in (threshold, threshold * 1.01, threshold * 0.5 + 0.1, torch.tensor(1e9)):
-            guessed, _ = keep_largest(scores, k, guess)
-            assert torch.equal(guessed, exact)
+        kept, dropped = scores[exact], scores[~exact]
+        assert kept.numel() == 0 or dropped.numel() == 0 or kept.min() >= dropped.max()
+    projector = Projector(scores.shape, sparsity=0.6)
+    for step in range(8):  # warm-started thresholds, moving scores: always the exact projection
+        moved = scores * (1 + 0.3 * step) + torch.rand(scores.shape, generator=g) * step
+        assert torch.equal(projector(moved), keep_largest(moved, projector.k))
+    groups = torch.randint(0, 3, (50, 8), generator=g).float()
+    for n in (1, 2, 4, 8):
+        keep = keep_largest_in_groups(groups, n)
+        assert bool((keep.sum(dim=1) == n).all())
+        reference = torch.zeros_like(keep).scatter_(1, groups.topk(n, dim=1, sorted=False).indices, True)
+        assert torch.equal(groups[keep].sort().values, groups[reference].sort().values)
 
 
 BAD_ARGUMENTS = [

@@ -121,38 +121,45 @@ def alps(
 
 
 def _admm(GQ, Q, mu, B0, project, rho0, max_iter, update_every):
-    """ADMM iterations; returns ``(D, mask, support_changes, rho, iterations, restarts)``."""
+    """ADMM iterations; returns ``(D, mask, support_changes, rho, iterations, restarts)``.
+
+    Carried state, all ``[out, in]``: ``numerator = GQ − VQ + ρ·DQ`` (the eigenbasis right-hand side of the next
+    B-update), ``E = V/ρ`` of the previous step (V is ρ(U − D), so it lives off the support) and ``DQ = D Q``.
+    Both recurrences follow from the ADMM updates without forming V, VQ or B:
+    ``numerator' = Z μ − ρ DQ_old + (ρ + ρ') DQ_new`` and ``U = Z Qᵀ + (ρ_old/ρ) E``.
+    """
     restarts = 0
     while True:
         rho = rho0
         mask = project(B0)
         D = B0 * mask
         DQ = D @ Q
-        V = torch.zeros_like(B0)
-        VQ = torch.zeros_like(B0)
+        numerator = torch.add(GQ, DQ, alpha=rho)
+        E = torch.zeros_like(B0)
+        carry = 1.0
         k = int(torch.count_nonzero(mask))
         raised = False
         history: list[int] = []
         iterations = change = 0
         while iterations < max_iter:
             iterations += 1
-            Z = (GQ - VQ + rho * DQ) / (mu + rho)
-            B = Z @ Q.T
-            U = B + V / rho
+            Z = numerator / (mu + rho)
+            U = torch.addmm(E, Z, Q.T, beta=carry)
             previous, mask = mask, project(U)
             change += int(torch.count_nonzero(mask & ~previous))
             D = U * mask
-            DQ = D @ Q
-            V += rho * (B - D)
-            VQ += rho * (Z - DQ)
-            if iterations % update_every:
-                continue
-            history.append(change)
-            if change == 0:
-                break
-            raised = True
-            rho *= 1.3 if change > 0.1 * k else 1.2 if change > 0.005 * k else 1.1
-            change = 0
+            E = U.sub_(D)
+            DQ_old, DQ = DQ, D @ Q
+            next_rho = rho
+            if iterations % update_every == 0:
+                history.append(change)
+                if change == 0:
+                    break
+                raised = True
+                next_rho = rho * (1.3 if change > 0.1 * k else 1.2 if change > 0.005 * k else 1.1)
+                change = 0
+            numerator = Z.mul_(mu).sub_(DQ_old, alpha=rho).add_(DQ, alpha=rho + next_rho)
+            carry, rho = rho / next_rho, next_rho
         if raised or restarts >= MAX_RESTARTS or iterations >= max_iter:
             return D, mask, history, rho, iterations, restarts
         rho0 /= 5
