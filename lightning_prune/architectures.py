@@ -140,11 +140,13 @@ def check_patterns(patterns: str | Sequence[str] | None, argument: str) -> list[
     return list(patterns)
 
 
-def matches(full_name: str, module: nn.Module, pattern: str) -> bool:
-    """Whether ``pattern`` (see the module docstring) selects the module ``full_name``."""
+def matches(full_name: str, module: nn.Module | None, pattern: str) -> bool:
+    """Whether ``pattern`` (see the module docstring) selects the module ``full_name`` (class names need ``module``)."""
     if pattern.startswith("re:"):
         return re.match(pattern[3:], full_name) is not None
-    return full_name == pattern or full_name.endswith("." + pattern) or type(module).__name__ == pattern
+    if full_name == pattern or full_name.endswith("." + pattern):
+        return True
+    return module is not None and type(module).__name__ == pattern
 
 
 def prunable_layers(

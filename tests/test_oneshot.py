@@ -1,0 +1,64 @@
+"""The functional entry point: method and pattern plumbing, per-layer overrides, checks before any change."""
+
+import pytest
+import torch
+
+from lightning_prune import oneshot
+from lightning_prune.solvers import check_mask
+
+
+def weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["alps", "sparsegpt", "wanda", "magnitude"])
+def test_every_method_prunes_every_block_linear(tiny_model, calibration_batches, method):
+    model = tiny_model("llama")
+    options = {"per_row": False} if method == "wanda" else {}  # Wanda compares per row by default
+    reports = oneshot(model, calibration_batches(), method, 0.6, solver_options=options)
+    assert len(reports) == 2 * 7
+    modules = dict(model.named_modules())
+    for name, report in reports.items():
+        check_mask(report.mask, 0.6)
+        assert bool((modules[name].weight[~report.mask] == 0).all())
+        assert report.stats["method"] == method
+
+
+def test_mask_structure_and_overrides(tiny_model, calibration_batches):
+    model = tiny_model("qwen2")
+    reports = oneshot(model, calibration_batches(), "sparsegpt", mask_structure="2:4")
+    for report in reports.values():
+        check_mask(report.mask, nm=(2, 4))
+    model = tiny_model("llama")
+    reports = oneshot(
+        model, calibration_batches(), "wanda", 0.5, sparsity_overrides={"down_proj": 0.75, "re:.*\\.0\\.self_attn\\.q_proj": 0.25},
+        solver_options={"per_row": False},
+    )
+    assert reports["model.layers.0.mlp.down_proj"].stats["sparsity"] == pytest.approx(0.75)
+    assert reports["model.layers.1.mlp.down_proj"].stats["sparsity"] == pytest.approx(0.75)
+    assert reports["model.layers.0.self_attn.q_proj"].stats["sparsity"] == pytest.approx(0.25)
+    assert reports["model.layers.1.self_attn.q_proj"].stats["sparsity"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(method="obs", sparsity=0.5), "method must be one of"),
+        (dict(sparsity=1.5), "sparsity must be in"),
+        (dict(sparsity=None), "sparsity is required"),
+        (dict(mask_structure="2:4", sparsity=0.7), "contradicts mask_structure"),
+        (dict(mask_structure="5:4"), "nm="),
+        (dict(sparsity=0.5, sparsity_overrides={"down_proj": 1.0}), "sparsity must be in"),
+        (dict(sparsity=0.5, sparsity_overrides={"re:(": 0.5}), "invalid regex"),
+        (dict(sparsity=0.5, solver_options={"rho": 1.0}), "has no option 'rho'"),
+        (dict(sparsity=0.5, solver_options={"rho0": -1.0}), "rho0"),
+        (dict(sparsity=0.5, targets=["nothing_like_this"]), "no prunable"),
+    ],
+)
+def test_bad_arguments_raise_before_any_change(tiny_model, calibration_batches, kwargs, message):
+    model = tiny_model("llama")
+    before = weights(model)
+    with pytest.raises(ValueError, match=message):
+        oneshot(model, calibration_batches(), **kwargs)
+    after = weights(model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
