@@ -1,0 +1,170 @@
+"""FASP (arXiv 2501.09412): structured removal of a later layer's input columns, restored by least squares.
+
+A coupled group is a later layer ``L`` (``W [out, n]``, its input gram ``H [n, n]``) whose input columns are produced
+by output rows of earlier layers (v_proj rows → o_proj columns, gate/up rows → down_proj columns, fc1 → fc2).
+Removing column j of L together with the rows that produce it removes a whole unit of computation.
+
+Columns are grouped into *units* that are removed together (a unit is one row of the earlier layer; with GQA one
+value channel feeds a column in each of the query heads sharing it). Unit u scores
+``s_u = Σ_{j ∈ u} sqrt(H_jj) · Σ_i |W_ij|`` (Wanda-style; ``score="magnitude"`` drops the ``sqrt(H_jj)`` factor).
+The lowest-scoring units are removed; the kept columns K of L are then refit:
+
+    W'_K = ((W H)_{:, K} + λ W_K) (H_KK + λI)⁻¹,   λ = damp · mean(diag H_KK),
+
+the minimiser of ||W X − W'_K X_K||² + λ ||W'_K − W_K||² (Cholesky; damping ×10 on failure). The damping pulls
+towards the unrestored weights rather than towards zero, so removing a unit that contributes nothing leaves the
+kept weights exactly as they were; if round-off still makes the refit worse than plain removal, plain removal is
+kept, so restoration never increases the layer error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .objective import relative_error
+
+SCORES = ("wanda", "magnitude")
+MAX_DAMPING_ESCALATIONS = 6
+
+
+@dataclass
+class ColumnPruneResult:
+    """Outcome of :func:`fasp` on one coupled group.
+
+    Attributes:
+        kept_units: sorted LongTensor of the kept unit ids (rows of the earlier layers to keep).
+        kept_columns: sorted LongTensor ``[n_kept]`` of L's kept input columns.
+        weight: L's new weight ``[out, n_kept]``, same dtype and device as the input.
+        stats: ``method``, ``ratio`` (fraction of units removed), ``rel_error_before`` (columns dropped, no
+            restoration), ``rel_error`` (after restoration; equal to the former when ``restore=False``),
+            ``damp`` (damping finally used), ``seconds`` (scoring and restoration; the error diagnostics excluded).
+    """
+
+    kept_units: torch.Tensor
+    kept_columns: torch.Tensor
+    weight: torch.Tensor
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def fasp(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    ratio: float,
+    *,
+    units: torch.Tensor | None = None,
+    units_per_block: int | None = None,
+    score: str = "wanda",
+    restore: bool = True,
+    damp: float = 0.01,
+) -> ColumnPruneResult:
+    """Remove the fraction ``ratio`` of L's input units and restore L on the rest.
+
+    Args:
+        weight: L's weight ``[out, n]``, any float dtype and device; not modified.
+        gram: ``H = XᵀX [n, n]`` of L's inputs, summed over calibration tokens.
+        ratio: fraction of units removed, in [0, 1); ``⌊U·(1 − ratio)⌋`` of U units are kept (at least 1).
+        units: LongTensor ``[n]``: the unit id of each column, ids ``0..U−1`` (default: every column is a unit).
+        units_per_block: when set, units ``b·k .. b·k + k − 1`` form block b (e.g. the value channels of one KV
+            head) and every block keeps the same number ``⌊k·(1 − ratio)⌋`` of units, so heads still reshape.
+        score: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``) or ``"magnitude"`` (``Σ_i|W_ij|``).
+        restore: refit the kept columns by least squares (default True); False only drops columns.
+        damp: relative damping λ of the least-squares refit (default 0.01).
+
+    Raises:
+        ValueError: naming the argument for a bad ratio, unit map, block size, score, shape or non-finite input.
+    """
+    units, n_units = _check(weight, gram, ratio, units, units_per_block, score, damp)
+    start = time.perf_counter()
+    W = weight.detach().float()
+    H = gram.to(torch.float64)
+    column_scores = W.abs().sum(dim=0).double()
+    if score == "wanda":
+        column_scores = column_scores * torch.diagonal(H).clamp(min=0).sqrt()
+    unit_scores = torch.zeros(n_units, dtype=torch.float64, device=W.device).index_add_(0, units, column_scores)
+    kept_units = _keep_units(unit_scores, ratio, units_per_block)
+    kept_columns = torch.nonzero(torch.isin(units, kept_units)).squeeze(1)
+    dropped_only = weight.detach()[:, kept_columns]
+    new_weight, used_damp = dropped_only, 0.0
+    if restore:
+        new_weight, used_damp = _least_squares(W, H, kept_columns, damp)
+        new_weight = new_weight.to(weight.dtype)
+    seconds = time.perf_counter() - start
+    error_before = error = relative_error(weight, _scatter_columns(dropped_only, kept_columns, weight), gram)
+    if restore:
+        error = relative_error(weight, _scatter_columns(new_weight, kept_columns, weight), gram)
+        if error > error_before:
+            new_weight, error = dropped_only, error_before
+    stats = {
+        "method": "fasp" if score == "wanda" else "fasp-magnitude",
+        "ratio": 1 - kept_units.numel() / n_units,
+        "rel_error_before": error_before,
+        "rel_error": error,
+        "damp": used_damp,
+        "seconds": seconds,
+    }
+    return ColumnPruneResult(kept_units, kept_columns, new_weight, stats)
+
+
+def _keep_units(scores: torch.Tensor, ratio: float, units_per_block: int | None) -> torch.Tensor:
+    """Sorted ids of the highest-scoring units: ⌊U(1 − ratio)⌋ overall, or that share of every block."""
+    if units_per_block is None:
+        keep = max(1, int(scores.numel() * (1 - ratio)))
+        return scores.topk(keep).indices.sort().values
+    blocks = scores.reshape(-1, units_per_block)
+    keep = max(1, int(units_per_block * (1 - ratio)))
+    offsets = torch.arange(blocks.shape[0], device=scores.device).unsqueeze(1) * units_per_block
+    return (blocks.topk(keep, dim=1).indices + offsets).reshape(-1).sort().values
+
+
+def _scatter_columns(values: torch.Tensor, columns: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values [out, len(columns)]`` placed at ``columns`` of a zero tensor shaped like ``like [out, n]``."""
+    return torch.zeros_like(like).index_copy_(1, columns, values.to(like.dtype))
+
+
+def _least_squares(W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """``((W H)_{:,K} + λ W_K) (H_KK + λI)⁻¹`` by Cholesky in fp64, escalating ``damp`` ×10 on failure."""
+    H_KK = H[kept][:, kept]
+    rhs = (W.double() @ H)[:, kept]
+    W_K = W[:, kept].double()
+    mean_diag = float(torch.diagonal(H_KK).clamp(min=0).mean())
+    scale = mean_diag if mean_diag > 0 else 1.0
+    for _ in range(MAX_DAMPING_ESCALATIONS + 1):
+        L, info = torch.linalg.cholesky_ex(H_KK + damp * scale * torch.eye(len(kept), dtype=H.dtype, device=H.device))
+        if int(info) == 0:
+            return torch.cholesky_solve((rhs + damp * scale * W_K).T, L).T.float(), damp
+        damp = max(damp * 10, 1e-6)
+    raise ValueError(f"gram restricted to the kept columns is not positive definite even with damp={damp / 10:g}")
+
+
+def _check(weight, gram, ratio, units, units_per_block, score, damp) -> tuple[torch.Tensor, int]:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError("weight must be a 2-D floating tensor [out, n]")
+    n = weight.shape[1]
+    if not isinstance(gram, torch.Tensor) or not gram.is_floating_point() or gram.shape != (n, n):
+        raise ValueError(f"gram must be a floating tensor [n, n] = [{n}, {n}]")
+    if not (torch.isfinite(weight).all() and torch.isfinite(gram).all()):
+        raise ValueError("weight and gram must be finite (no NaN or Inf)")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be a number in [0, 1) (fraction of units removed), got {ratio!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp < 0:
+        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
+    if units is None:
+        units = torch.arange(n, device=weight.device)
+    if not isinstance(units, torch.Tensor) or units.shape != (n,) or units.dtype != torch.long:
+        raise ValueError(f"units must be a LongTensor [n] = [{n}] of unit ids")
+    units = units.to(weight.device)
+    n_units = int(units.max()) + 1 if n else 0
+    if int(units.min()) < 0 or torch.unique(units).numel() != n_units:
+        raise ValueError("units must use every id 0..U-1 (each unit owns at least one column)")
+    if units_per_block is not None and (
+        isinstance(units_per_block, bool) or not isinstance(units_per_block, int) or units_per_block < 1
+        or n_units % units_per_block
+    ):
+        raise ValueError(f"units_per_block must be a positive int dividing the {n_units} units, got {units_per_block!r}")
+    return units, n_units
