@@ -228,8 +228,13 @@ def in_features(module: nn.Module) -> int:
 
 def weight_view(module: nn.Module) -> torch.Tensor:
     """The weight of ``module`` as a ``[out, in]`` view (GPT-2 ``Conv1D`` stores ``[in, out]``: transposed view)."""
+    return out_in_view(module, module.weight)
+
+
+def out_in_view(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like ``module.weight`` (the weight, its gradient, an optimizer state) as ``[out, in]``."""
     _check_prunable(module)
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
+    return tensor.T if isinstance(module, Conv1D) else tensor
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:

@@ -1,0 +1,171 @@
+"""Keep pruned weights at exactly zero while fine-tuning."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from typing_extensions import override
+
+from ..architectures import PRUNABLE_TYPES, out_in_view
+from ..export import SPARSITY_FILE, load_sparsity_metadata
+from ..masks import pack_mask, unpack_mask
+
+SOURCES = ("auto", "pruning", "metadata", "zeros")
+
+
+class SparsityMaskCallback(Callback):
+    r"""Keep the sparsity mask of a pruned model fixed during fine-tuning.
+
+    Before every optimizer step the gradients of pruned entries are zeroed (after unscaling and before clipping, so
+    AdamW moments, gradient accumulation, clipping and fp16/bf16 mixed precision never see them), and after every
+    training batch the pruned weights are set back to exactly zero (so weight decay or any optimizer cannot revive
+    them). Every ``log_every_n_steps`` optimizer steps it logs the measured sparsity of each masked layer and the
+    number of nonzero pruned entries (``mask/<layer>/sparsity``, ``mask/nonzero_pruned``; the latter stays 0).
+
+    Masks come from (``source``):
+
+    * ``"pruning"``: a pruning callback (anything in ``trainer.callbacks`` with a non-empty ``masks`` dict, e.g.
+      :class:`~lightning_prune.callbacks.ALPSPruningCallback`) that ran earlier in the same fit;
+    * ``"metadata"``: the ``sparsity.json`` of a model saved by :func:`lightning_prune.export.save_pruned`
+      (``metadata_dir``, default the LightningModule's ``hparams.model_name_or_path``): the zeros of the layers it
+      lists as sparse;
+    * ``"zeros"`` (opt-in): the zeros of every linear layer of the loaded model that has any;
+    * ``"auto"`` (default): ``"pruning"`` if such a callback is present, else ``"metadata"`` if the file exists.
+
+    Masks are resolved at the first training batch (after every ``on_train_start``, so a pruning callback has run)
+    and saved bit-packed in the checkpoint through :meth:`state_dict`: a resumed fit keeps them.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ALPSPruningCallback(sparsity=0.7), SparsityMaskCallback()], max_steps=200)
+
+    Args:
+        source: one of ``"auto"``, ``"pruning"``, ``"metadata"``, ``"zeros"`` (default ``"auto"``).
+        metadata_dir: directory holding ``sparsity.json`` for ``source="metadata"`` (default: the module's
+            ``hparams.model_name_or_path``).
+        log_every_n_steps: optimizer steps between sparsity logs (default 50; 0 disables logging).
+
+    Note:
+        Layers are addressed by name inside ``pl_module.model`` (the Hugging Face model of
+        :class:`~lightning_prune.module.CausalLMModule`), or inside the LightningModule itself when it has no
+        ``model`` attribute.
+    """
+
+    def __init__(self, source: str = "auto", metadata_dir: str | None = None, log_every_n_steps: int = 50) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
+            raise ValueError(f"log_every_n_steps must be an int >= 0, got {log_every_n_steps!r}")
+        self.source = source
+        self.metadata_dir = metadata_dir
+        self.log_every_n_steps = log_every_n_steps
+        self.masks: dict[str, torch.Tensor] = {}  # layer name -> bool [out, in] on the CPU
+        self._layers: dict[str, tuple[nn.Module, torch.Tensor]] = {}  # name -> (module, mask on its device)
+        self._last_logged_step = -1
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._layers:
+            root = _root(pl_module)
+            if not self.masks:
+                self.masks = self._collect(trainer, pl_module, root)
+            self._layers = _bind(root, self.masks)
+            self._apply_to_weights()
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        for module, mask in self._layers.values():
+            if module.weight.grad is not None:
+                out_in_view(module, module.weight.grad).mul_(mask)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._apply_to_weights()
+        step = trainer.global_step
+        if self.log_every_n_steps and step % self.log_every_n_steps == 0 and step != self._last_logged_step:
+            self._last_logged_step = step
+            metrics = self.measure()
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def measure(self) -> dict[str, float]:
+        """``mask/<layer>/sparsity`` (fraction of zero weights) per layer and ``mask/nonzero_pruned`` (total)."""
+        metrics: dict[str, float] = {}
+        nonzero_pruned = 0
+        for name, (module, mask) in self._layers.items():
+            weight = out_in_view(module, module.weight.detach())
+            metrics[f"mask/{name}/sparsity"] = float((weight == 0).float().mean())
+            nonzero_pruned += int(torch.count_nonzero(weight[~mask]))
+        metrics["mask/nonzero_pruned"] = float(nonzero_pruned)
+        return metrics
+
+    def _apply_to_weights(self) -> None:
+        with torch.no_grad():
+            for module, mask in self._layers.values():
+                out_in_view(module, module.weight).mul_(mask)
+
+    def _collect(self, trainer: Trainer, pl_module: LightningModule, root: nn.Module) -> dict[str, torch.Tensor]:
+        if self.source in ("auto", "pruning"):
+            for callback in trainer.callbacks:
+                masks = getattr(callback, "masks", None)
+                if callback is not self and isinstance(masks, dict) and masks:
+                    return {name: mask.cpu() for name, mask in masks.items()}
+            if self.source == "pruning":
+                raise ValueError("source='pruning': no pruning callback with masks ran before fine-tuning")
+        if self.source in ("auto", "metadata"):
+            directory = self.metadata_dir or getattr(getattr(pl_module, "hparams", {}), "model_name_or_path", None)
+            if directory is None or not os.path.isfile(os.path.join(str(directory), SPARSITY_FILE)):
+                raise ValueError(
+                    f"source={self.source!r}: no pruning callback with masks in this fit and no {SPARSITY_FILE} in "
+                    f"metadata_dir={directory!r}; prune in the same fit, point metadata_dir at a model saved by "
+                    "save_pruned, or opt in to source='zeros'"
+                )
+            layers = load_sparsity_metadata(directory)["measured"]["layers"]
+            return {name: _zeros_of(root.get_submodule(name)) for name, entry in layers.items() if entry["zeros"]}
+        masks = {
+            name: _zeros_of(module)
+            for name, module in root.named_modules()
+            if isinstance(module, PRUNABLE_TYPES) and bool((module.weight == 0).any())
+        }
+        if not masks:
+            raise ValueError("source='zeros': no linear layer of the model has a zero weight")
+        return masks
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {name: pack_mask(mask) for name, mask in self.masks.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.masks = {name: unpack_mask(packed) for name, packed in state_dict["masks"].items()}
+        self._layers = {}
+
+
+def _root(pl_module: LightningModule) -> nn.Module:
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
+
+
+def _zeros_of(module: nn.Module) -> torch.Tensor:
+    return (out_in_view(module, module.weight.detach()) != 0).cpu()
+
+
+def _bind(root: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """``{name: (module, mask on the module's device)}``, checking every name and shape."""
+    bound = {}
+    for name, mask in masks.items():
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"mask for layer {name!r}, which the model does not have") from None
+        shape = tuple(out_in_view(module, module.weight).shape)
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the layer's weight is {shape}")
+        bound[name] = (module, mask.to(module.weight.device))
+    return bound

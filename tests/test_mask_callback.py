@@ -1,0 +1,151 @@
+"""SparsityMaskCallback: pruned weights stay exactly zero through fine-tuning, checkpoints and resumes."""
+
+import pytest
+import torch
+from helpers import make_documents, make_tiny_causal_lm
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import Logger
+
+from lightning_prune import oneshot
+from lightning_prune.callbacks.mask import SparsityMaskCallback
+from lightning_prune.data import TextDataModule
+from lightning_prune.export import save_pruned
+from lightning_prune.masks import pack_mask, unpack_mask
+from lightning_prune.module import CausalLMModule
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_tiny_causal_lm(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture
+def datamodule(tmp_path, model_dir):
+    (tmp_path / "train.txt").write_text("\n".join(make_documents(40, 30, seed=1)))
+    (tmp_path / "val.txt").write_text("\n".join(make_documents(4, 30, seed=2)))
+    return TextDataModule(
+        model_dir, train_files=[str(tmp_path / "train.txt")], val_files=[str(tmp_path / "val.txt")],
+        seq_len=16, batch_size=2, calibration_samples=8, cache_dir=str(tmp_path / "cache"),
+    )
+
+
+class PrunesAtTrainStart(Callback):
+    """A minimal pruning callback: magnitude 50 % in on_train_start, masks exposed like the real ones."""
+
+    def __init__(self):
+        self.masks = {}
+
+    def on_train_start(self, trainer, pl_module):
+        batches = [torch.randint(4, 500, (2, 16))]
+        reports = oneshot(pl_module.model, batches, "magnitude", 0.5)
+        self.masks = {name: report.mask for name, report in reports.items()}
+
+
+class Recorder(Logger):
+    name, version = "recorder", 0
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def fit(module, datamodule, callbacks, tmp_path, ckpt_path=None, **kwargs):
+    options = dict(
+        accelerator="cpu", max_steps=50, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, default_root_dir=str(tmp_path), enable_checkpointing=False, logger=False,
+    )
+    options.update(kwargs)
+    trainer = Trainer(callbacks=callbacks, **options)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer
+
+
+def pruned_weights(module, masks):
+    modules = dict(module.model.named_modules())
+    return {name: modules[name].weight.detach()[~mask] for name, mask in masks.items()}
+
+
+def test_adamw_weight_decay_bf16_and_clipping_cannot_revive_pruned_weights(tmp_path, model_dir, datamodule):
+    module = CausalLMModule(model_dir, learning_rate=1e-2, weight_decay=0.1, tokenizer_name_or_path=model_dir)
+    pruning, mask_callback, recorder = PrunesAtTrainStart(), SparsityMaskCallback(log_every_n_steps=10), Recorder()
+    trainer = fit(
+        module, datamodule, [pruning, mask_callback], tmp_path, precision="bf16-mixed", gradient_clip_val=1.0,
+        accumulate_grad_batches=2, logger=recorder,
+    )
+    assert trainer.global_step == 50 and len(pruning.masks) == 2 * 7
+    for name, values in pruned_weights(module, pruning.masks).items():
+        assert values.numel() > 0 and bool((values == 0).all()), name
+    kept = module.model.model.layers[0].mlp.down_proj.weight[pruning.masks["model.layers.0.mlp.down_proj"]]
+    assert bool((kept != 0).all())  # the kept weights did train
+    logged = [m for m in recorder.metrics if "mask/nonzero_pruned" in m]
+    assert len(logged) >= 4 and all(m["mask/nonzero_pruned"] == 0 for m in logged)
+    assert logged[-1]["mask/model.layers.1.self_attn.q_proj/sparsity"] >= 0.5
+
+
+def test_masks_survive_a_checkpoint_and_a_resume(tmp_path, model_dir, datamodule):
+    module = CausalLMModule(model_dir, learning_rate=1e-2)
+    pruning, mask_callback = PrunesAtTrainStart(), SparsityMaskCallback()
+    trainer = fit(module, datamodule, [pruning, mask_callback], tmp_path, max_steps=5)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    state = torch.load(tmp_path / "mid.ckpt", weights_only=False)["callbacks"]
+    packed = next(value for key, value in state.items() if key.startswith("SparsityMaskCallback"))
+    assert packed["masks"]["model.layers.0.mlp.up_proj"]["bits"].dtype == torch.uint8
+
+    resumed_module = CausalLMModule(model_dir, learning_rate=1e-2)
+    resumed_mask = SparsityMaskCallback(source="pruning")  # no pruning callback now: the masks come from the checkpoint
+    fit(resumed_module, datamodule, [resumed_mask], tmp_path, max_steps=20, ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert set(resumed_mask.masks) == set(pruning.masks)
+    for name, values in pruned_weights(resumed_module, pruning.masks).items():
+        assert bool((values == 0).all()), name
+
+
+def test_masks_from_saved_metadata_and_from_zeros(tmp_path, model_dir, datamodule):
+    module = CausalLMModule(model_dir)
+    module.configure_model()
+    reports = oneshot(module.model, [torch.randint(4, 500, (2, 16))], "wanda", 0.6, targets=["re:.*mlp.*"])
+    saved = save_pruned(module.model, tmp_path / "pruned", tokenizer=model_dir, metadata={"method": "wanda"})
+
+    from_metadata = SparsityMaskCallback(source="metadata")
+    fit(CausalLMModule(str(saved), learning_rate=1e-2), datamodule, [from_metadata], tmp_path, max_steps=5)
+    assert set(from_metadata.masks) == set(reports)
+    for name, report in reports.items():
+        assert torch.equal(from_metadata.masks[name], report.mask)
+
+    from_zeros = SparsityMaskCallback(source="zeros")
+    tuned = CausalLMModule(str(saved), learning_rate=1e-2)
+    fit(tuned, datamodule, [from_zeros], tmp_path, max_steps=5)
+    assert set(from_zeros.masks) == set(reports)
+    for name, values in pruned_weights(tuned, from_zeros.masks).items():
+        assert bool((values == 0).all()), name
+
+
+def test_missing_sources_and_bad_arguments_raise(tmp_path, model_dir, datamodule):
+    with pytest.raises(ValueError, match="source must be one of"):
+        SparsityMaskCallback(source="checkpoint")
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        SparsityMaskCallback(log_every_n_steps=-1)
+    with pytest.raises(ValueError, match="opt in to source='zeros'"):
+        fit(CausalLMModule(model_dir), datamodule, [SparsityMaskCallback()], tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match="no linear layer of the model has a zero weight"):
+        fit(CausalLMModule(model_dir), datamodule, [SparsityMaskCallback(source="zeros")], tmp_path, max_steps=1)
+
+
+def test_pack_round_trip():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1,), (7,), (3, 5), (64, 33)]:
+        mask = torch.rand(shape, generator=g) > 0.5
+        packed = pack_mask(mask)
+        assert packed["bits"].numel() == (mask.numel() + 7) // 8
+        assert torch.equal(unpack_mask(packed), mask)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        pack_mask(torch.zeros(3))
