@@ -1,7 +1,8 @@
 """Per model family: where the decoder blocks are, which modules are prunable, and a uniform weight view.
 
-Known families (by ``model.config.model_type``): ``llama``, ``mistral``, ``qwen2``, ``opt``, ``gpt2``. Any other
-model falls back to the longest ``nn.ModuleList`` of identical-class blocks holding prunable layers.
+Known families (by ``model.config.model_type``): ``llama``, ``mistral``, ``qwen2``, ``opt``, ``gpt2``, and the
+slimmed ``llama_fasp``, ``mistral_fasp``, ``qwen2_fasp``, ``opt_fasp`` written by FASP. Any other model falls back to
+the longest ``nn.ModuleList`` of identical-class blocks holding prunable layers.
 
 Layer selection follows the llm-compressor convention for ``targets`` / ``ignore`` / ``sequential_targets``
 entries:
@@ -31,6 +32,34 @@ PRUNABLE_TYPES = (nn.Linear, Conv1D)
 
 
 @dataclass(frozen=True)
+class CouplingGroup:
+    """A FASP coupled group inside one decoder block: output rows of ``earlier`` layers are input columns of ``later``.
+
+    Removing unit u removes row u of every earlier layer (and its bias entry) and the later layer's input columns
+    that read it. For the MLP a unit is one intermediate channel (one column of the later layer). For attention a
+    unit is one value channel ``(g, d)`` of KV head g; with grouped-query attention it feeds the later layer's
+    column ``(h, d)`` of every query head h with ``h // (num_heads // num_kv_heads) = g`` (see :func:`value_units`).
+
+    The group's *width* is its number of units per block for the MLP, and its value channels per KV head
+    (``v_head_dim``) for attention, where every KV head keeps the same number so the values still split into heads.
+
+    Attributes:
+        name: ``"attention"`` or ``"mlp"``; a group of block i is reported as ``"<blocks path>.<i>.<name>"``.
+        earlier: paths inside the block of the layers whose output rows are removed.
+        later: path inside the block of the layer whose input columns are removed and restored.
+        attention: path inside the block of the attention module when the units are its value channels, else None.
+        width_key: the config attribute holding the group's width in the stock architecture
+            (``"intermediate_size"``, ``"ffn_dim"``); None for value channels (stock configs have no field for them).
+    """
+
+    name: str
+    earlier: tuple[str, ...]
+    later: str
+    attention: str | None = None
+    width_key: str | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """What the driver needs to know about one model family.
 
@@ -39,15 +68,22 @@ class Family:
             wrapper first, then the bare base model).
         sequential_targets: default groups for true-sequential mode, in forward order; each group lists
             patterns (see the module docstring) of layers that see the same block state.
+        coupling_groups: the FASP coupled groups of one block in forward order (attention, then MLP); empty when
+            the family's layers cannot be pruned structurally.
     """
 
     block_paths: tuple[str, ...]
     sequential_targets: tuple[tuple[str, ...], ...]
+    coupling_groups: tuple[CouplingGroup, ...] = ()
 
 
 _LLAMA_LIKE = Family(
     block_paths=("model.layers", "layers"),
     sequential_targets=(("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
+    coupling_groups=(
+        CouplingGroup("attention", ("self_attn.v_proj",), "self_attn.o_proj", attention="self_attn"),
+        CouplingGroup("mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", width_key="intermediate_size"),
+    ),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -57,12 +93,18 @@ FAMILIES: dict[str, Family] = {
     "opt": Family(
         block_paths=("model.decoder.layers", "decoder.layers"),
         sequential_targets=(("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",)),
+        coupling_groups=(
+            CouplingGroup("attention", ("self_attn.v_proj",), "self_attn.out_proj", attention="self_attn"),
+            CouplingGroup("mlp", ("fc1",), "fc2", width_key="ffn_dim"),
+        ),
     ),
     "gpt2": Family(
         block_paths=("transformer.h", "h"),
         sequential_targets=(("c_attn",), ("attn.c_proj",), ("c_fc",), ("mlp.c_proj",)),
     ),
 }
+# The structurally slimmed variants of :mod:`lightning_prune.slim_models` keep the layout of their family.
+FAMILIES.update({f"{name}_fasp": FAMILIES[name] for name in ("llama", "mistral", "qwen2", "opt")})
 
 
 def family_of(model: nn.Module) -> Family | None:
@@ -248,3 +290,50 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
         raise ValueError(f"weight must have shape [out, in] = {list(view.shape)}, got {list(weight.shape)}")
     with torch.no_grad():
         view.copy_(weight)
+
+
+def coupling_groups(model: nn.Module) -> tuple[CouplingGroup, ...]:
+    """The FASP coupled groups of ``model``'s family.
+
+    Raises:
+        ValueError: naming ``model`` for a family without coupled groups (GPT-2's fused ``c_attn`` packs q, k and v
+            into one layer) or an unknown family, listing the supported ones.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = family_of(model)
+    if family is None or not family.coupling_groups:
+        supported = sorted(name for name, f in FAMILIES.items() if f.coupling_groups)
+        reason = " (its fused c_attn layer has no separate value projection)" if model_type == "gpt2" else ""
+        raise ValueError(
+            f"model: structured (FASP) pruning does not support model type {model_type!r}{reason}; "
+            f"supported model types: {supported}"
+        )
+    return family.coupling_groups
+
+
+def attention_heads(config: object) -> tuple[int, int, int]:
+    """``(num_heads, num_kv_heads, head_dim)`` of a decoder config (no GQA: ``num_kv_heads = num_heads``).
+
+    ``head_dim`` is ``config.head_dim`` when set, else ``hidden_size // num_attention_heads``.
+    """
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return num_heads, num_kv_heads, head_dim
+
+
+def value_units(num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Value channel read by each input column of the attention output projection: LongTensor ``[num_heads·head_dim]``.
+
+    Column ``h·head_dim + d`` (query head h, channel d) reads value channel ``g·head_dim + d`` of KV head
+    ``g = h // (num_heads // num_kv_heads)``; without GQA (``num_kv_heads = num_heads``) column j reads channel j.
+
+    Raises:
+        ValueError: naming ``num_kv_heads`` when it does not divide ``num_heads``.
+    """
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads must divide num_heads={num_heads}, got {num_kv_heads}")
+    heads = torch.arange(num_heads).repeat_interleave(head_dim)
+    channels = torch.arange(head_dim).repeat(num_heads)
+    return heads // (num_heads // num_kv_heads) * head_dim + channels
+

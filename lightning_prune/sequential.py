@@ -11,6 +11,10 @@ Flow of :func:`prune_model`:
    are the next block's inputs.
 3. Blocks after the last one with selected layers are never run.
 
+The steps are public pieces that :mod:`lightning_prune.structured` (FASP) reuses: :func:`calibration_mode`,
+:func:`capture_block_inputs`, :func:`collect_grams` (optionally stopping each batch's forward once the hooked layers
+have their inputs) and :func:`propagate`.
+
 Memory (peak, besides the model itself):
 
 * calibration activations, one block's worth: ``n_batches × batch × seq × hidden × bytes(model dtype)`` (each
@@ -31,7 +35,8 @@ refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,26 +153,20 @@ def prune_model(
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be None or callable (name, block_index, n_blocks, result), got {progress!r}")
     path, blocks = find_blocks(model)
-    _check_uniform_blocks(model, len(blocks))
+    check_uniform_blocks(model, len(blocks))
     plan = _plan(model, path, blocks, targets, ignore, true_sequential, sequential_targets)
     last = max(index for index, groups in enumerate(plan) if groups)
 
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    was_training = model.training
     originals: list[tuple[nn.Module, torch.Tensor]] = []
     reports: dict[str, LayerReport] = {}
-    model.eval()
-    if use_cache is not None:
-        config.use_cache = False
-    try:
-        with torch.no_grad():
-            inputs = _capture_block_inputs(model, blocks[0], batches, offload)
+    with calibration_mode(model):
+        try:
+            inputs = capture_block_inputs(model, blocks[0], batches, offload)
             for index in range(last + 1):
                 block = blocks[index]
-                device = _device_of(block)
+                device = device_of(block)
                 for group in plan[index]:
-                    grams = _collect_grams(block, group, inputs, device, gram_dtype)
+                    grams = collect_grams(block, group, inputs, device, gram_dtype)
                     for name, module in group.items():
                         gram = grams.pop(name)
                         originals.append((module, module.weight.detach().to("cpu", copy=True)))
@@ -178,18 +177,36 @@ def prune_model(
                         if progress is not None:
                             progress(name, index, len(blocks), result)
                 if index < last:
-                    for batch in inputs:
-                        batch.hidden = _to(batch.run(block, device), "cpu" if offload else None)
-    except BaseException:
-        with torch.no_grad():
+                    propagate(inputs, block, device, offload)
+        except BaseException:
             for module, weight in reversed(originals):
                 module.weight.copy_(weight)
-        raise
+            raise
+    return reports
+
+
+@contextmanager
+def calibration_mode(model: nn.Module) -> Iterator[None]:
+    """Run the body in eval mode, under ``torch.no_grad()``, with ``config.use_cache = False``; restore both after."""
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    was_training = model.training
+    model.eval()
+    if use_cache is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield
     finally:
         model.train(was_training)
         if use_cache is not None:
             config.use_cache = use_cache
-    return reports
+
+
+def propagate(inputs: list[CalibrationBatch], block: nn.Module, device: torch.device, offload: str | None) -> None:
+    """Replace every batch's hidden states by ``block``'s output on them (the next block's inputs), in place."""
+    for batch in inputs:
+        batch.hidden = _to(batch.run(block, device), "cpu" if offload else None)
 
 
 class _BlockInputsCaught(Exception):
@@ -202,7 +219,7 @@ class _BlockInputsCaught(Exception):
 
 
 @dataclass
-class _CalibrationBatch:
+class CalibrationBatch:
     """One batch's inputs to the current block.
 
     Attributes:
@@ -230,13 +247,23 @@ class _CalibrationBatch:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class _ValidTokens:
-    """The valid-token mask of the batch the block is currently running, read by the gram hooks."""
+class _BatchState:
+    """What the gram hooks read about the batch the block is currently running.
+
+    Attributes:
+        mask: bool ``[batch, seq]`` valid-token mask of the batch.
+        pending: names of the hooked layers not yet reached on this batch (only tracked with ``stop_early``).
+    """
 
     mask: torch.Tensor | None = None
+    pending: set[str] | None = None
 
 
-def _check_uniform_blocks(model: nn.Module, n_blocks: int) -> None:
+class _GramsCollected(Exception):
+    """Raised by the last gram hook of a batch under ``stop_early``: the rest of the block is not needed."""
+
+
+def check_uniform_blocks(model: nn.Module, n_blocks: int) -> None:
     """Refuse models whose blocks take different attention masks (captured arguments are shared by all blocks)."""
     layer_types = getattr(getattr(model, "config", None), "layer_types", None)
     if layer_types is not None and len(set(layer_types[:n_blocks])) > 1:
@@ -280,12 +307,12 @@ def _plan(
     return [sequential_groups(block_layers, sequential_targets) for block_layers in layers]
 
 
-def _capture_block_inputs(
+def capture_block_inputs(
     model: nn.Module,
     first_block: nn.Module,
     batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
     offload: str | None,
-) -> list[_CalibrationBatch]:
+) -> list[CalibrationBatch]:
     """Run the model until its first block on every batch; return what the block received, per batch."""
 
     def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -317,7 +344,7 @@ def _capture_block_inputs(
                 raise ValueError("model: the first decoder block received no hidden states (positional or keyword)")
             valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             captured.append(
-                _CalibrationBatch(
+                CalibrationBatch(
                     hidden=_to(hidden, storage),
                     args=_to(args, storage),
                     kwargs=_to(kwargs, storage),
@@ -365,33 +392,51 @@ def _unpack(batch: object, index: int) -> tuple[torch.Tensor, torch.Tensor | Non
     return input_ids, attention_mask
 
 
-def _collect_grams(
+def collect_grams(
     block: nn.Module,
     layers: dict[str, nn.Module],
-    inputs: list[_CalibrationBatch],
+    inputs: list[CalibrationBatch],
     device: torch.device,
     dtype: torch.dtype,
+    stop_early: bool = False,
 ) -> dict[str, GramAccumulator]:
-    """Run ``block`` over every batch with hooks accumulating the grams of ``layers``; remove the hooks."""
-    valid = _ValidTokens()
+    """Run ``block`` over every batch with hooks accumulating the grams of ``layers``; remove the hooks.
+
+    Args:
+        block: the decoder block; ``layers`` are modules inside it, ``{full name: module}``.
+        inputs: the block's calibration inputs (not modified).
+        device: where the block runs.
+        dtype: gram accumulation dtype.
+        stop_early: abort each batch's forward once every layer has seen its input (default False: run the whole
+            block). Only for callers that discard the block's output: the layers themselves are not run then.
+    """
+    state = _BatchState()
     grams = {}
     handles = []
     try:
         for name, module in layers.items():
             grams[name] = GramAccumulator(name, in_features(module), module.weight.device, dtype)
-            handles.append(module.register_forward_hook(_gram_hook(grams[name], valid)))
+            handles.append(module.register_forward_pre_hook(_gram_hook(name, grams[name], state)))
         for batch in inputs:
-            valid.mask = batch.valid.to(device)
-            batch.run(block, device)
+            state.mask = batch.valid.to(device)
+            state.pending = set(layers) if stop_early else None
+            try:
+                batch.run(block, device)
+            except _GramsCollected:
+                pass
     finally:
         for handle in handles:
             handle.remove()
     return grams
 
 
-def _gram_hook(gram: GramAccumulator, valid: _ValidTokens) -> Callable[[nn.Module, tuple, Any], None]:
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        gram.add(args[0], valid.mask)
+def _gram_hook(name: str, gram: GramAccumulator, state: _BatchState) -> Callable[[nn.Module, tuple], None]:
+    def hook(module: nn.Module, args: tuple) -> None:
+        gram.add(args[0], state.mask)
+        if state.pending is not None:
+            state.pending.discard(name)
+            if not state.pending:
+                raise _GramsCollected
 
     return hook
 
@@ -422,11 +467,11 @@ def _input_device(model: nn.Module) -> torch.device:
     except (AttributeError, NotImplementedError):
         embeddings = None
     if isinstance(embeddings, nn.Module):
-        return _device_of(embeddings)
-    return _device_of(model)
+        return device_of(embeddings)
+    return device_of(model)
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def device_of(module: nn.Module) -> torch.device:
     parameter = next(module.parameters(), None)
     return torch.device("cpu") if parameter is None else parameter.device
 

@@ -7,7 +7,7 @@ removes whole input columns of a layer (with the rows of the earlier layers feed
 """
 
 from .alps import alps
-from .fasp import ColumnPruneResult, fasp
+from .fasp import ColumnPruneResult, fasp, kept_count
 from .magnitude import magnitude
 from .patterns import check_mask, parse_nm, select_mask
 from .result import PruneResult
@@ -16,4 +16,4 @@ from .wanda import wanda
 
 SOLVERS = {"alps": alps, "sparsegpt": sparsegpt, "wanda": wanda, "magnitude": magnitude}
 
-__all__ = ["SOLVERS", "ColumnPruneResult", "PruneResult", "alps", "fasp", "check_mask", "magnitude", "parse_nm", "select_mask", "sparsegpt", "wanda"]
+__all__ = ["SOLVERS", "ColumnPruneResult", "PruneResult", "alps", "fasp", "check_mask", "kept_count", "magnitude", "parse_nm", "select_mask", "sparsegpt", "wanda"]

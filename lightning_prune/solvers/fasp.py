@@ -109,13 +109,17 @@ def fasp(
     return ColumnPruneResult(kept_units, kept_columns, new_weight, stats)
 
 
+def kept_count(units: int, ratio: float) -> int:
+    """How many of ``units`` units :func:`fasp` keeps at ``ratio``: ``max(1, ⌊units·(1 − ratio)⌋)``."""
+    return max(1, int(units * (1 - ratio)))
+
+
 def _keep_units(scores: torch.Tensor, ratio: float, units_per_block: int | None) -> torch.Tensor:
     """Sorted ids of the highest-scoring units: ⌊U(1 − ratio)⌋ overall, or that share of every block."""
     if units_per_block is None:
-        keep = max(1, int(scores.numel() * (1 - ratio)))
-        return scores.topk(keep).indices.sort().values
+        return scores.topk(kept_count(scores.numel(), ratio)).indices.sort().values
     blocks = scores.reshape(-1, units_per_block)
-    keep = max(1, int(units_per_block * (1 - ratio)))
+    keep = kept_count(units_per_block, ratio)
     offsets = torch.arange(blocks.shape[0], device=scores.device).unsqueeze(1) * units_per_block
     return (blocks.topk(keep, dim=1).indices + offsets).reshape(-1).sort().values
 
