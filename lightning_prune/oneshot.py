@@ -13,12 +13,14 @@ The Lightning callbacks (:mod:`lightning_prune.callbacks`) are thin adapters ove
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .architectures import check_patterns, matches
+from .progress import PruningProgress, fingerprint
 from .sequential import LayerReport, Progress, prune_model
 from .solvers import SOLVERS
 from .solvers.patterns import NM, check_sparsity, parse_nm
@@ -41,6 +43,7 @@ def oneshot(
     solver_options: Mapping[str, Any] | None = None,
     offload: str | None = "cpu",
     progress: Progress | None = None,
+    resume_dir: str | os.PathLike | None = None,
 ) -> dict[str, LayerReport]:
     """Prune ``model``'s decoder linear layers in place, block by block (pruned outputs feed the next block).
 
@@ -64,6 +67,9 @@ def oneshot(
         solver_options: keyword options of the solver (e.g. ``{"rho0": 0.1, "cg_iter": 10}`` for ALPS).
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory; None keeps them on the device.
         progress: called after each layer as ``progress(name, block_index, n_blocks, result)``.
+        resume_dir: a directory where each finished block is saved (:mod:`lightning_prune.progress`). A rerun with
+            the same arguments and calibration data skips the saved blocks and ends with the same weights as an
+            uninterrupted run; other settings raise a ``ValueError``. Default None: nothing saved.
 
     Returns:
         ``{layer name: LayerReport}`` (mask, solver stats, tokens), in pruning order.
@@ -83,6 +89,17 @@ def oneshot(
         layer_sparsity = None if nm is not None else _layer_sparsity(name, sparsity, overrides)
         return solver(weight, gram, layer_sparsity, nm=nm, **options)
 
+    finished, on_block_end = None, None
+    if resume_dir is not None:
+        batches = list(batches)
+        settings = {
+            "method": method, "sparsity": sparsity, "mask_structure": mask_structure, "targets": targets,
+            "ignore": ignore, "sparsity_overrides": dict(sparsity_overrides or {}), "true_sequential": true_sequential,
+            "sequential_targets": sequential_targets, "solver_options": options, "calibration": fingerprint(batches),
+        }
+        saved = PruningProgress(resume_dir, settings)
+        finished, on_block_end = saved.finished_blocks(), saved.save_block
+
     return prune_model(
         model,
         batches,
@@ -93,6 +110,8 @@ def oneshot(
         sequential_targets=sequential_targets,
         offload=offload,
         progress=progress,
+        finished=finished,
+        on_block_end=on_block_end,
     )
 
 

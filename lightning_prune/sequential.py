@@ -66,6 +66,10 @@ tokens (``gram_dtype``, same device).
 Progress = Callable[[str, int, int, PruneResult], None]
 """``progress(name, block_index, n_blocks, result)``, called after each layer's new weight is written."""
 
+BlockEnd = Callable[[int, dict[str, dict[str, Any]]], None]
+"""``on_block_end(block_index, {layer name: {"weight": [out, in] (CPU), "mask": bool, "stats": dict, "tokens": int}})``,
+called once a block's layers are all written, before the block is run to feed the next one."""
+
 OFFLOAD_CHOICES = ("cpu", None)
 
 
@@ -99,6 +103,8 @@ def prune_model(
     offload: str | None = "cpu",
     gram_dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    finished: Mapping[int, Mapping[str, Mapping[str, Any]]] | None = None,
+    on_block_end: BlockEnd | None = None,
 ) -> dict[str, LayerReport]:
     """Prune the linear layers of ``model``'s decoder blocks in place, block by block, from calibration data.
 
@@ -131,6 +137,11 @@ def prune_model(
             where the blocks produce them.
         gram_dtype: ``torch.float32`` (default) or ``torch.float64`` accumulation of the grams.
         progress: optional callback, see :data:`Progress`.
+        finished: blocks already pruned by an earlier run, ``{block index: {layer name: {"weight" [out, in], "mask",
+            "stats", "tokens"}}}`` (see :mod:`lightning_prune.progress`): their weights are written as recorded
+            instead of being solved, and the blocks are run to rebuild the next block's inputs.
+        on_block_end: optional callback, see :data:`BlockEnd`; called after each solved block (not for ``finished``
+            ones) with the same record layout, e.g. to save progress.
 
     Returns:
         ``{full layer name: LayerReport}`` in pruning order.
@@ -165,17 +176,27 @@ def prune_model(
             for index in range(last + 1):
                 block = blocks[index]
                 device = device_of(block)
-                for group in plan[index]:
-                    grams = collect_grams(block, group, inputs, device, gram_dtype)
+                layers = {name: module for group in plan[index] for name, module in group.items()}
+                record = (finished or {}).get(index)
+                if record is not None and set(record) != set(layers):
+                    raise ValueError(f"finished block {index} records layers {sorted(record)}, expected {sorted(layers)}")
+                for group in plan[index] if record is None else [layers]:
+                    grams = collect_grams(block, group, inputs, device, gram_dtype) if record is None else None
                     for name, module in group.items():
-                        gram = grams.pop(name)
                         originals.append((module, module.weight.detach().to("cpu", copy=True)))
-                        result = _solve_layer(solve, name, module, gram)
+                        if record is None:
+                            gram = grams.pop(name)
+                            result, tokens = _solve_layer(solve, name, module, gram), gram.tokens
+                        else:
+                            entry = record[name]
+                            result, tokens = PruneResult(entry["weight"], entry["mask"], entry["stats"]), entry["tokens"]
                         set_weight(module, result.weight)
                         mask = result.mask.detach().to("cpu")
-                        reports[name] = LayerReport(index, mask, dict(result.stats), gram.tokens)
+                        reports[name] = LayerReport(index, mask, dict(result.stats), tokens)
                         if progress is not None:
                             progress(name, index, len(blocks), result)
+                if record is None and on_block_end is not None:
+                    on_block_end(index, {name: _record(module, reports[name]) for name, module in layers.items()})
                 if index < last:
                     propagate(inputs, block, device, offload)
         except BaseException:
@@ -183,6 +204,11 @@ def prune_model(
                 module.weight.copy_(weight)
             raise
     return reports
+
+
+def _record(module: nn.Module, report: LayerReport) -> dict[str, Any]:
+    weight = weight_view(module).detach().to("cpu", copy=True)
+    return {"weight": weight, "mask": report.mask, "stats": report.stats, "tokens": report.tokens}
 
 
 @contextmanager

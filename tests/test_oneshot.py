@@ -62,3 +62,43 @@ def test_bad_arguments_raise_before_any_change(tiny_model, calibration_batches, 
         oneshot(model, calibration_batches(), **kwargs)
     after = weights(model)
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["alps", "sparsegpt"])
+def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path, tiny_model, calibration_batches, method):
+    reference = tiny_model("llama")
+    oneshot(reference, calibration_batches(), method, 0.7)
+
+    model = tiny_model("llama")
+    dense = weights(model)
+
+    def crash_in_block_1(name, block_index, n_blocks, result):
+        if block_index == 1:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        oneshot(model, calibration_batches(), method, 0.7, resume_dir=tmp_path / "run", progress=crash_in_block_1)
+    assert all(torch.equal(dense[name], p) for name, p in model.named_parameters())  # rolled back
+    assert sorted(p.name for p in (tmp_path / "run").glob("block_*.pt")) == ["block_00000.pt"]
+
+    solved = []
+    reports = oneshot(
+        model, calibration_batches(), method, 0.7, resume_dir=tmp_path / "run",
+        progress=lambda name, block, n, result: solved.append((block, name)),
+    )
+    assert len(reports) == 14 and {block for block, _ in solved} == {0, 1}
+    for (name, expected), (_, actual) in zip(reference.named_parameters(), model.named_parameters()):
+        assert torch.equal(expected, actual), name
+    for name, report in reports.items():
+        check_mask(report.mask, 0.7)
+
+
+def test_resume_with_other_settings_raises(tmp_path, tiny_model, calibration_batches):
+    oneshot(tiny_model("llama"), calibration_batches(), "wanda", 0.5, resume_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"other settings \(\['sparsity'\]\)"):
+        oneshot(tiny_model("llama"), calibration_batches(), "wanda", 0.6, resume_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"other settings \(\['calibration'\]\)"):
+        oneshot(tiny_model("llama"), calibration_batches(seed=1), "wanda", 0.5, resume_dir=tmp_path / "run")
