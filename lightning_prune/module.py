@@ -13,6 +13,8 @@ from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from typing_extensions import override
 
+from .embedded import resolve_embedded
+
 #: Accepted ``dtype`` values: a torch floating dtype name, or ``"auto"`` (the dtype stored in the checkpoint).
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -35,6 +37,14 @@ def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
     keep = targets != IGNORE_INDEX
     scores = logits[:, :-1].reshape(-1, logits.shape[-1])[keep]
     return F.cross_entropy(scores.float(), targets[keep], reduction="none")
+
+
+def _resolve_path(value: str, argument: str) -> str:
+    """``value`` with an ``embedded:`` model name replaced by its local directory (ValueError naming ``argument``)."""
+    path = resolve_embedded(value, argument)
+    if not isinstance(path, str):
+        raise ValueError(f"{argument} must name a model, got the text files of {value!r}")
+    return path
 
 
 class TokenPerplexity(MeanMetric):
@@ -77,8 +87,9 @@ class CausalLMModule(LightningModule):
         trainer.fit(module, datamodule=TextDataModule("path/to/model", train_files=["data/*.txt"]))
 
     Args:
-        model_name_or_path: directory holding a ``transformers`` causal LM (``config.json`` + weights), or a hub
-            name when the hub is reachable.
+        model_name_or_path: directory holding a ``transformers`` causal LM (``config.json`` + weights), a hub
+            name when the hub is reachable, or ``"embedded:smollm2"`` for the embedded SmolLM2-135M (see
+            :func:`~lightning_prune.embedded.resolve_embedded`; the saved hyperparameter keeps the portable name).
         dtype: parameter dtype to load the model in, one of ``"float32"`` (default), ``"bfloat16"``, ``"float16"``
             or ``"auto"`` (the dtype stored in the checkpoint). A string so that YAML configs can set it.
         learning_rate: AdamW peak learning rate (default ``1e-5``).
@@ -88,8 +99,9 @@ class CausalLMModule(LightningModule):
             ``learning_rate / warmup_steps`` to ``learning_rate``; constant afterwards. ``0`` (default): no warmup
             and no scheduler.
         betas: AdamW ``(beta1, beta2)`` (default ``(0.9, 0.999)``).
-        tokenizer_name_or_path: where the tokenizer that goes with the model lives; ``None`` (default) means
-            ``model_name_or_path``. Exposed as :attr:`tokenizer_path` so that export can save it alongside.
+        tokenizer_name_or_path: where the tokenizer that goes with the model lives (``embedded:`` names too);
+            ``None`` (default) means ``model_name_or_path``. Exposed, resolved, as :attr:`tokenizer_path` so that
+            export can save it alongside.
 
     Note:
         Under DeepSpeed ZeRO stage 3, :meth:`configure_model` runs inside the strategy's sharded-init context;
@@ -123,6 +135,8 @@ class CausalLMModule(LightningModule):
         if tokenizer_name_or_path == "" or not isinstance(tokenizer_name_or_path, (str, type(None))):
             raise ValueError(f"tokenizer_name_or_path must be None or a non-empty path, got {tokenizer_name_or_path!r}")
         self.save_hyperparameters()
+        self._model_path = _resolve_path(model_name_or_path, "model_name_or_path")
+        self._tokenizer_path = _resolve_path(tokenizer_name_or_path or model_name_or_path, "tokenizer_name_or_path")
         self.model: PreTrainedModel | None = None
         self.val_loss = MeanMetric()
         self.val_perplexity = TokenPerplexity()
@@ -130,7 +144,7 @@ class CausalLMModule(LightningModule):
     @property
     def tokenizer_path(self) -> str:
         """Directory (or hub name) of the tokenizer belonging to the model, for saving it next to an export."""
-        return self.hparams.tokenizer_name_or_path or self.hparams.model_name_or_path
+        return self._tokenizer_path
 
     @override
     def configure_model(self) -> None:
@@ -138,7 +152,7 @@ class CausalLMModule(LightningModule):
         if self.model is not None:
             return
         dtype = self.hparams.dtype if self.hparams.dtype == "auto" else getattr(torch, self.hparams.dtype)
-        model = AutoModelForCausalLM.from_pretrained(self.hparams.model_name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(self._model_path, dtype=dtype)
         self.model = model.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as found
 
     @override

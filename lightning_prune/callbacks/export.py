@@ -1,0 +1,96 @@
+"""Save the pruned model as a Hugging Face directory with ``sparsity.json`` when the fit ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from transformers import PreTrainedModel
+from typing_extensions import override
+
+from ..export import save_pruned
+from .pruning import OneShotPruningCallback
+
+
+class ExportPrunedModelCallback(Callback):
+    """Saves ``pl_module.model`` with :func:`~lightning_prune.export.save_pruned` at the end of the fit (rank zero).
+
+    The directory reloads with ``AutoModelForCausalLM.from_pretrained``; it holds the tokenizer from
+    ``pl_module.tokenizer_path`` when the module has one (:class:`~lightning_prune.module.CausalLMModule` does) and
+    ``sparsity.json`` with the zeros measured in the saved weights and, as ``metadata``, the
+    :attr:`~OneShotPruningCallback.metadata` of the pruning callback of the trainer (method, pattern, per-layer
+    statistics, perplexity before / after); with several pruning callbacks, ``{"stages": [metadata, ...]}`` in
+    callback order; with none, ``{}``. After a prune-then-finetune fit it saves the fine-tuned weights.
+
+    Example::
+
+        trainer = Trainer(
+            max_steps=0,
+            callbacks=[ALPSPruningCallback(sparsity=0.7), ExportPrunedModelCallback("pruned/model-alps-70")],
+        )
+
+    Args:
+        dirpath: directory to write (its parent is created if missing).
+        overwrite: replace an existing ``dirpath`` (default False). The check is made when the fit starts, so a
+            run never prunes for minutes only to find the directory taken.
+
+    Raises:
+        ValueError: when the fit starts: ``dirpath`` exists and ``overwrite`` is False, or a pruning callback comes
+            after this one in ``trainer.callbacks``; at the end: ``pl_module.model`` is not a transformers model.
+
+    Note:
+        Lightning calls ``on_fit_end`` in callback order, and a prune-only fit prunes in the pruning callback's
+        ``on_fit_end``: list this callback **after** the pruning callbacks (checked when the fit starts).
+    """
+
+    def __init__(self, dirpath: str, overwrite: bool = False) -> None:
+        if not isinstance(dirpath, str) or not dirpath:
+            raise ValueError(f"dirpath must be a non-empty directory path, got {dirpath!r}")
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+        self.dirpath = dirpath
+        self.overwrite = overwrite
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        position = next(index for index, callback in enumerate(trainer.callbacks) if callback is self)
+        late = [type(c).__name__ for c in trainer.callbacks[position + 1 :] if isinstance(c, OneShotPruningCallback)]
+        if late:
+            raise ValueError(
+                f"{type(self).__name__} must come after the pruning callbacks in trainer.callbacks (it exports in "
+                f"on_fit_end, where a prune-only fit prunes); found {late} after it"
+            )
+        if Path(self.dirpath).exists() and not self.overwrite:
+            raise ValueError(f"dirpath {self.dirpath!r} already exists: choose another or pass overwrite=True")
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        model = getattr(pl_module, "model", None)
+        if not isinstance(model, PreTrainedModel):
+            raise ValueError(
+                f"{type(self).__name__} saves pl_module.model, a transformers PreTrainedModel; "
+                f"{type(pl_module).__name__}.model is {type(model).__name__}"
+            )
+        path = save_pruned(
+            model,
+            self.dirpath,
+            tokenizer=getattr(pl_module, "tokenizer_path", None),
+            metadata=_pruning_metadata(trainer),
+            overwrite=self.overwrite,
+        )
+        rank_zero_info(f"Saved the pruned model to {path}")
+
+
+def _pruning_metadata(trainer: Trainer) -> dict[str, Any]:
+    """The metadata of the trainer's pruning callbacks: one's own, ``{"stages": [...]}`` for several, else ``{}``."""
+    stages = [c.metadata for c in trainer.callbacks if isinstance(c, OneShotPruningCallback)]
+    if len(stages) == 1:
+        return stages[0]
+    return {"stages": stages} if stages else {}
