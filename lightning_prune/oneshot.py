@@ -96,6 +96,7 @@ def oneshot(
             "method": method, "sparsity": sparsity, "mask_structure": mask_structure, "targets": targets,
             "ignore": ignore, "sparsity_overrides": dict(sparsity_overrides or {}), "true_sequential": true_sequential,
             "sequential_targets": sequential_targets, "solver_options": options, "calibration": fingerprint(batches),
+            "model": _model_identity(model),
         }
         saved = PruningProgress(resume_dir, settings)
         finished, on_block_end = saved.finished_blocks(), saved.save_block
@@ -158,6 +159,14 @@ def check_oneshot_arguments(
     probe_weight = torch.linspace(-1, 1, 2 * 4 * m).reshape(2, 4 * m)
     solver(probe_weight, torch.eye(4 * m), None if nm is not None else 0.5, nm=nm, **options)
     return solver, nm, overrides, options
+
+
+def _model_identity(model: torch.nn.Module) -> str:
+    """Where the model was loaded from and its architecture (so progress is never applied to another model)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return type(model).__name__
+    return f"{getattr(config, '_name_or_path', '')} {type(model).__name__} {config.to_json_string(use_diff=True)}"
 
 
 def _layer_sparsity(name: str, default: float, overrides: list[tuple[str, float]]) -> float:

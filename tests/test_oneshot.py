@@ -102,3 +102,5 @@ def test_resume_with_other_settings_raises(tmp_path, tiny_model, calibration_bat
         oneshot(tiny_model("llama"), calibration_batches(), "wanda", 0.6, resume_dir=tmp_path / "run")
     with pytest.raises(ValueError, match=r"other settings \(\['calibration'\]\)"):
         oneshot(tiny_model("llama"), calibration_batches(seed=1), "wanda", 0.5, resume_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"other settings \(\['model'\]\)"):
+        oneshot(tiny_model("mistral"), calibration_batches(), "wanda", 0.5, resume_dir=tmp_path / "run")
