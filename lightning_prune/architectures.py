@@ -48,6 +48,10 @@ class CouplingGroup:
         earlier: paths inside the block of the layers whose output rows are removed.
         later: path inside the block of the layer whose input columns are removed and restored.
         attention: path inside the block of the attention module when the units are its value channels, else None.
+        module: path inside the block of the module whose forward returns the later layer's output and nothing
+            else the block uses (attention modules return ``(output, weights)``; the block ignores the weights), or
+            None when the block applies the later layer itself. Lets the driver replay the pruned group from cached
+            inputs instead of recomputing the block up to it.
         width_key: the config attribute holding the group's width in the stock architecture
             (``"intermediate_size"``, ``"ffn_dim"``); None for value channels (stock configs have no field for them).
     """
@@ -56,6 +60,7 @@ class CouplingGroup:
     earlier: tuple[str, ...]
     later: str
     attention: str | None = None
+    module: str | None = None
     width_key: str | None = None
 
 
@@ -81,8 +86,12 @@ _LLAMA_LIKE = Family(
     block_paths=("model.layers", "layers"),
     sequential_targets=(("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
     coupling_groups=(
-        CouplingGroup("attention", ("self_attn.v_proj",), "self_attn.o_proj", attention="self_attn"),
-        CouplingGroup("mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", width_key="intermediate_size"),
+        CouplingGroup(
+            "attention", ("self_attn.v_proj",), "self_attn.o_proj", attention="self_attn", module="self_attn"
+        ),
+        CouplingGroup(
+            "mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", module="mlp", width_key="intermediate_size"
+        ),
     ),
 )
 
@@ -94,7 +103,9 @@ FAMILIES: dict[str, Family] = {
         block_paths=("model.decoder.layers", "decoder.layers"),
         sequential_targets=(("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",)),
         coupling_groups=(
-            CouplingGroup("attention", ("self_attn.v_proj",), "self_attn.out_proj", attention="self_attn"),
+            CouplingGroup(
+                "attention", ("self_attn.v_proj",), "self_attn.out_proj", attention="self_attn", module="self_attn"
+            ),
             CouplingGroup("mlp", ("fc1",), "fc2", width_key="ffn_dim"),
         ),
     ),

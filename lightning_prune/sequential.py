@@ -232,7 +232,7 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
 def propagate(inputs: list[CalibrationBatch], block: nn.Module, device: torch.device, offload: str | None) -> None:
     """Replace every batch's hidden states by ``block``'s output on them (the next block's inputs), in place."""
     for batch in inputs:
-        batch.hidden = _to(batch.run(block, device), "cpu" if offload else None)
+        batch.hidden = to_device(batch.run(block, device), "cpu" if offload else None)
 
 
 class _BlockInputsCaught(Exception):
@@ -265,7 +265,7 @@ class CalibrationBatch:
     def run(self, block: nn.Module, device: torch.device) -> torch.Tensor:
         """The block's output hidden states for this batch, computed on ``device``."""
         hidden = self.hidden.to(device)
-        args, kwargs = _to(self.args, device), _to(self.kwargs, device)
+        args, kwargs = to_device(self.args, device), to_device(self.kwargs, device)
         if self.hidden_positional:
             out = block(hidden, *args, **kwargs)
         else:
@@ -371,9 +371,9 @@ def capture_block_inputs(
             valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             captured.append(
                 CalibrationBatch(
-                    hidden=_to(hidden, storage),
-                    args=_to(args, storage),
-                    kwargs=_to(kwargs, storage),
+                    hidden=to_device(hidden, storage),
+                    args=to_device(args, storage),
+                    kwargs=to_device(kwargs, storage),
                     hidden_positional=positional,
                     valid=valid.to(hidden.device if storage is None else storage),
                 )
@@ -502,14 +502,14 @@ def device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu") if parameter is None else parameter.device
 
 
-def _to(value: Any, device: torch.device | str | None) -> Any:
+def to_device(value: Any, device: torch.device | str | None) -> Any:
     """``value`` with every tensor inside plain tuples, lists and dicts moved to ``device`` (None: unchanged)."""
     if device is None:
         return value
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if type(value) in (tuple, list):
-        return type(value)(_to(item, device) for item in value)
+        return type(value)(to_device(item, device) for item in value)
     if type(value) is dict:
-        return {key: _to(item, device) for key, item in value.items()}
+        return {key: to_device(item, device) for key, item in value.items()}
     return value

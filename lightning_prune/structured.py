@@ -5,12 +5,19 @@ Flow of :func:`fasp_prune` (pure torch + transformers):
 1. Catch the first block's inputs on the calibration batches (:func:`lightning_prune.sequential.capture_block_inputs`).
 2. For each block, for each coupled group in forward order (attention, then MLP; see
    :class:`lightning_prune.architectures.CouplingGroup`): accumulate the gram of the later layer's input with the
-   block as pruned so far (the MLP's gram sees the pruned attention), run :func:`lightning_prune.solvers.fasp`,
-   then replace the earlier layers by ones keeping only the rows of the kept units (bias entries too) and the
-   later layer by one with only the kept columns and the restored weight. The pruned block's outputs feed the next.
+   block as pruned so far (the MLP's gram sees the pruned attention; each batch's forward stops at the later
+   layer), run :func:`lightning_prune.solvers.fasp`, then replace the earlier layers by ones keeping only the rows
+   of the kept units (bias entries too) and the later layer by one with only the kept columns and the restored
+   weight. The pruned block's outputs feed the next block.
 3. Record the new widths in the config (:func:`lightning_prune.slim_models.record_widths`): a model whose MLP shrank
    by the same amount everywhere stays a stock transformers model; narrower values (or sizes differing between
    blocks) make it a ``*_fasp`` model that reloads after ``import lightning_prune``.
+
+Replay. Pruning a group leaves the kept units' activations unchanged, so the pruned group's output is the new later
+layer applied to the kept columns of the input recorded for its gram. Where the family names a module returning
+exactly that output (``CouplingGroup.module``: the attention, LLaMA's MLP), the later passes over the block replay
+it from the recorded inputs instead of recomputing it: the block's attention runs once per block instead of three
+times, its MLP once instead of twice.
 
 Ratios. A group's ratio is the fraction of its units removed: ``max(1, ⌊U·(1 − ratio)⌋)`` of U units are kept;
 for attention the units are value channels and every KV head keeps ``max(1, ⌊v_head_dim·(1 − ratio)⌋)``
@@ -21,14 +28,17 @@ matching pattern wins. Different ratios across blocks are supported: the ``*_fas
 sizes (stock transformers cannot build such a model).
 
 Memory: as :func:`lightning_prune.sequential.prune_model` (one block's calibration activations, one gram at a
-time), plus, until the call returns, the replaced layers of every pruned block (for rollback).
+time), plus, for the block being pruned, the recorded later-layer inputs of one group (``tokens × intermediate
+size`` floats for the MLP) and the replayed outputs (``tokens × hidden`` per group), kept on the CPU with
+``offload="cpu"``; and, until the call returns, the replaced layers of every pruned block (for rollback).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -46,14 +56,17 @@ from .architectures import (
     matches,
     value_units,
 )
+from .gram import GramAccumulator
 from .sequential import (
     OFFLOAD_CHOICES,
+    CalibrationBatch,
     calibration_mode,
     capture_block_inputs,
     check_uniform_blocks,
     collect_grams,
     device_of,
     propagate,
+    to_device,
 )
 from .slim_models import check_slimmable, group_width, linear_like, record_widths, replace_module, slim_attention
 from .solvers.fasp import SCORES, ColumnPruneResult, fasp, kept_count
@@ -180,12 +193,13 @@ def fasp_prune(
                 inputs = capture_block_inputs(model, blocks[0], batches, offload)
                 for index in range(active[-1] + 1):
                     block, device = blocks[index], device_of(blocks[index])
+                    replays: dict[str, list[Any]] = {}
                     for group in groups:
                         name = f"{path}.{index}.{group.name}"
                         if ratios[name] == 0:
                             continue
-                        later = block.get_submodule(group.later)
-                        gram = collect_grams(block, {name: later}, inputs, device, torch.float32, stop_early=True)[name]
+                        with _replaying(block, replays, device):
+                            gram, later_inputs = _gram(block, group, name, inputs, device, offload)
                         result = _solve(model, block, group, gram.H, ratios[name], score, restore, damp)
                         width_before = group_width(block, group, num_heads)
                         undo.extend(_replace_group(model, block, group, result))
@@ -193,10 +207,13 @@ def fasp_prune(
                         report.groups[name] = GroupReport(
                             index, result.kept_units.cpu(), width_before, width_after, dict(result.stats), gram.tokens
                         )
+                        if group.module is not None:
+                            replays[group.module] = _outputs(block, group, result, later_inputs, device, offload)
                         if progress is not None:
                             progress(name, index, len(blocks), result)
                     if index < active[-1]:
-                        propagate(inputs, block, device, offload)
+                        with _replaying(block, replays, device):
+                            propagate(inputs, block, device, offload)
                 undo.append(record_widths(model))
         except BaseException:
             for step in reversed(undo):
@@ -307,6 +324,68 @@ def decoder_linear_parameters(model: nn.Module) -> int:
     """Weights and biases of every ``nn.Linear`` inside ``model``'s decoder blocks."""
     _, blocks = find_blocks(model)
     return sum(p.numel() for m in blocks.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False))
+
+
+def _gram(
+    block: nn.Module,
+    group: CouplingGroup,
+    name: str,
+    inputs: list[CalibrationBatch],
+    device: torch.device,
+    offload: str | None,
+) -> tuple[GramAccumulator, list[torch.Tensor]]:
+    """The gram of ``group``'s later layer on the block as pruned so far, and (when the group has a replayable
+    ``module``) that layer's input per batch, kept where ``offload`` says; each batch's forward stops there."""
+    later = block.get_submodule(group.later)
+    later_inputs: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple) -> None:
+        later_inputs.append(to_device(args[0], "cpu" if offload else None))
+
+    handle = later.register_forward_pre_hook(keep) if group.module is not None else None
+    try:
+        gram = collect_grams(block, {name: later}, inputs, device, torch.float32, stop_early=True)[name]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return gram, later_inputs
+
+
+def _outputs(
+    block: nn.Module,
+    group: CouplingGroup,
+    result: ColumnPruneResult,
+    later_inputs: list[torch.Tensor],
+    device: torch.device,
+    offload: str | None,
+) -> list[Any]:
+    """What ``group.module`` of the pruned block returns on each batch: the new later layer applied to the kept
+    columns of its recorded input (the kept earlier rows are unchanged, so those columns are too)."""
+    later = block.get_submodule(group.later)
+    columns = result.kept_columns.to(device)
+    outputs = []
+    for x in later_inputs:
+        y = to_device(later(x.to(device).index_select(-1, columns)), "cpu" if offload else None)
+        outputs.append((y, None) if group.attention else y)
+    return outputs
+
+
+@contextmanager
+def _replaying(block: nn.Module, outputs: dict[str, list[Any]], device: torch.device) -> Iterator[None]:
+    """Within the body, each module of ``block`` at a path of ``outputs`` returns its recorded outputs, one per
+    calibration batch in order, instead of computing them (its ``forward`` is shadowed on the instance)."""
+    modules = [block.get_submodule(path) for path in outputs]
+    try:
+        for module, recorded in zip(modules, outputs.values()):
+            module.forward = partial(_next_output, iter(recorded), device)
+        yield
+    finally:
+        for module in modules:
+            vars(module).pop("forward", None)
+
+
+def _next_output(recorded: Iterator[Any], device: torch.device, *args: Any, **kwargs: Any) -> Any:
+    return to_device(next(recorded), device)
 
 
 def _solve(

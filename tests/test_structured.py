@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import lightning_prune  # noqa: F401  (registers the *_fasp model types)
 from lightning_prune.architectures import attention_heads, find_blocks, value_units
-from lightning_prune.sequential import calibration_mode, capture_block_inputs, collect_grams
+from lightning_prune.sequential import calibration_mode, capture_block_inputs, collect_grams, propagate
+from lightning_prune.solvers import fasp
 from lightning_prune.structured import decoder_linear_parameters, fasp_prune, removed_parameters, resolve_ratios
 
 STRUCTURED = ("llama", "mistral", "qwen2", "opt")
@@ -253,3 +254,24 @@ def test_slimmed_model_trains(tiny_model, calibration_batches):
     loss = model(input_ids=IDS, labels=IDS).loss
     loss.backward()
     assert model.model.layers[0].self_attn.v_proj.weight.grad.shape == (8, 32)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_replayed_groups_feed_the_next_block_as_the_real_pruned_block_does(family, tiny_model, calibration_batches):
+    """The driver replays pruned groups from recorded inputs; block 1 must see what the real pruned block 0 gives."""
+    model, reference = tiny_model(family), tiny_model(family)
+    report = fasp_prune(model, calibration_batches(), 0.5)
+    path, blocks = find_blocks(model)
+    reference_blocks = find_blocks(reference)[1]
+    reference_blocks[0] = blocks[0]  # the real pruned block 0, dense block 1
+    num_heads, num_kv_heads, head_dim = attention_heads(model.config)
+    o_proj = groups_of(reference, 1)[2]
+    with calibration_mode(reference):
+        inputs = capture_block_inputs(reference, reference_blocks[0], calibration_batches(), "cpu")
+        propagate(inputs, reference_blocks[0], torch.device("cpu"), "cpu")
+        gram = collect_grams(reference_blocks[1], {"o": o_proj}, inputs, torch.device("cpu"), torch.float32)["o"]
+    expected = fasp(o_proj.weight, gram.H, 0.5, units=value_units(num_heads, num_kv_heads, head_dim),
+                    units_per_block=head_dim)
+    got = report.groups[f"{path}.1.attention"]
+    assert torch.equal(got.kept_units, expected.kept_units)
+    assert got.stats["rel_error"] == pytest.approx(expected.stats["rel_error"], rel=1e-4)

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from .objective import relative_error
 
 SCORES = ("wanda", "magnitude")
 MAX_DAMPING_ESCALATIONS = 6
@@ -79,23 +78,32 @@ def fasp(
     """
     units, n_units = _check(weight, gram, ratio, units, units_per_block, score, damp)
     start = time.perf_counter()
-    W = weight.detach().float()
+    W = weight.detach().double()
     H = gram.to(torch.float64)
-    column_scores = W.abs().sum(dim=0).double()
+    column_scores = W.abs().sum(dim=0)
     if score == "wanda":
         column_scores = column_scores * torch.diagonal(H).clamp(min=0).sqrt()
     unit_scores = torch.zeros(n_units, dtype=torch.float64, device=W.device).index_add_(0, units, column_scores)
     kept_units = _keep_units(unit_scores, ratio, units_per_block)
-    kept_columns = torch.nonzero(torch.isin(units, kept_units)).squeeze(1)
+    kept = torch.isin(units, kept_units)
+    kept_columns = torch.nonzero(kept).squeeze(1)
+    WH = W @ H
+    H_KK = H[kept_columns.unsqueeze(1), kept_columns]
     dropped_only = weight.detach()[:, kept_columns]
     new_weight, used_damp = dropped_only, 0.0
     if restore:
-        new_weight, used_damp = _least_squares(W, H, kept_columns, damp)
+        new_weight, used_damp = _least_squares(WH[:, kept_columns], H_KK, W[:, kept_columns], damp)
         new_weight = new_weight.to(weight.dtype)
     seconds = time.perf_counter() - start
-    error_before = error = relative_error(weight, _scatter_columns(dropped_only, kept_columns, weight), gram)
+    total = float((WH * W).sum())
+    dropped = torch.nonzero(~kept).squeeze(1)
+    W_D = W[:, dropped]
+    error_before = error = _ratio(float(((W_D @ H[dropped.unsqueeze(1), dropped]) * W_D).sum()), total)
     if restore:
-        error = relative_error(weight, _scatter_columns(new_weight, kept_columns, weight), gram)
+        V = new_weight.double()
+        # tr(ΔW H ΔWᵀ) with ΔW = W − [V on K, 0 elsewhere]: tr(W H Wᵀ) − 2 tr(V (W H)_Kᵀ) + tr(V H_KK Vᵀ)
+        squared = total - 2 * float((V * WH[:, kept_columns]).sum()) + float(((V @ H_KK) * V).sum())
+        error = _ratio(max(squared, 0.0), total)
         if error > error_before:
             new_weight, error = dropped_only, error_before
     stats = {
@@ -124,24 +132,25 @@ def _keep_units(scores: torch.Tensor, ratio: float, units_per_block: int | None)
     return (blocks.topk(keep, dim=1).indices + offsets).reshape(-1).sort().values
 
 
-def _scatter_columns(values: torch.Tensor, columns: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values [out, len(columns)]`` placed at ``columns`` of a zero tensor shaped like ``like [out, n]``."""
-    return torch.zeros_like(like).index_copy_(1, columns, values.to(like.dtype))
-
-
-def _least_squares(W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """``((W H)_{:,K} + λ W_K) (H_KK + λI)⁻¹`` by Cholesky in fp64, escalating ``damp`` ×10 on failure."""
-    H_KK = H[kept][:, kept]
-    rhs = (W.double() @ H)[:, kept]
-    W_K = W[:, kept].double()
+def _least_squares(
+    WH_K: torch.Tensor, H_KK: torch.Tensor, W_K: torch.Tensor, damp: float
+) -> tuple[torch.Tensor, float]:
+    """``((W H)_{:,K} + λ W_K) (H_KK + λI)⁻¹`` by Cholesky (fp64 inputs, fp32 result), escalating ``damp`` ×10 on
+    failure."""
     mean_diag = float(torch.diagonal(H_KK).clamp(min=0).mean())
     scale = mean_diag if mean_diag > 0 else 1.0
+    eye = torch.eye(H_KK.shape[0], dtype=H_KK.dtype, device=H_KK.device)
     for _ in range(MAX_DAMPING_ESCALATIONS + 1):
-        L, info = torch.linalg.cholesky_ex(H_KK + damp * scale * torch.eye(len(kept), dtype=H.dtype, device=H.device))
+        L, info = torch.linalg.cholesky_ex(H_KK + damp * scale * eye)
         if int(info) == 0:
-            return torch.cholesky_solve((rhs + damp * scale * W_K).T, L).T.float(), damp
+            return torch.cholesky_solve((WH_K + damp * scale * W_K).T, L).T.float(), damp
         damp = max(damp * 10, 1e-6)
     raise ValueError(f"gram restricted to the kept columns is not positive definite even with damp={damp / 10:g}")
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, 0 when the denominator (the layer's output energy ``tr(W H Wᵀ)``) is 0."""
+    return numerator / denominator if denominator > 0 else 0.0
 
 
 def _check(weight, gram, ratio, units, units_per_block, score, damp) -> tuple[torch.Tensor, int]:
