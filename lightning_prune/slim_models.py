@@ -345,6 +345,8 @@ def record_widths(model: nn.Module) -> Callable[[], None]:
     )
     if not stock or type(config) in SLIM_CONFIGS.values():
         config.__class__ = SLIM_CONFIGS.get(type(config), type(config))
+        if "model_type" in vars(config):  # a config read from config.json holds its type as an attribute
+            config.model_type = config.__class__.model_type
         config.fasp_widths = widths
         model.__class__ = SLIM_MODELS.get(type(model), type(model))
 

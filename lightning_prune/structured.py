@@ -179,7 +179,11 @@ def fasp_prune(
     check_slimmable(model)
     path, blocks = find_blocks(model)
     check_uniform_blocks(model, len(blocks))
-    _check_options(score, restore, damp, offload, progress)
+    check_solver_arguments(score, restore, damp)
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be None or callable (name, block_index, n_blocks, result), got {progress!r}")
     ratios = resolve_ratios(model, ratio, target_fraction=target_fraction, group_ratios=group_ratios)
     report = StructuredReport(
         ratios=ratios, decoder_linear_parameters=decoder_linear_parameters(model), parameters_before=_count(model)
@@ -240,28 +244,16 @@ def resolve_ratios(
     Raises:
         ValueError: naming ``ratio``, ``target_fraction`` or ``group_ratios``.
     """
+    check_ratio_arguments(ratio, target_fraction, group_ratios)
     path, blocks = find_blocks(model)
     names = [f"{path}.{index}.{group.name}" for index in range(len(blocks)) for group in coupling_groups(model)]
-    if ratio is not None and target_fraction is not None:
-        raise ValueError("ratio and target_fraction are exclusive: give one of them (group_ratios may go with either)")
-    if ratio is None and target_fraction is None and not group_ratios:
-        raise ValueError("give ratio (fraction of each group's units removed), target_fraction or group_ratios")
-    if ratio is not None:
-        _check_fraction(ratio, "ratio")
-    if target_fraction is not None:
-        _check_fraction(target_fraction, "target_fraction")
-    if group_ratios is not None and not isinstance(group_ratios, Mapping):
-        raise ValueError(f"group_ratios must be a mapping {{pattern: ratio}}, got {group_ratios!r}")
-    overrides = []
-    for pattern, value in dict(group_ratios or {}).items():
-        check_patterns([pattern], "group_ratios")
-        _check_fraction(value, f"group_ratios[{pattern!r}]")
+    overrides = list(dict(group_ratios or {}).items())
+    for pattern, _ in overrides:
         if not any(matches(name, None, pattern) for name in names):
             raise ValueError(
                 f"group_ratios: pattern {pattern!r} matches no coupled group; groups are 'attention', 'mlp' or full "
                 f"names such as {names[:2]}"
             )
-        overrides.append((pattern, value))
     fixed = {
         name: next((value for pattern, value in overrides if matches(name, None, pattern)), None) for name in names
     }
@@ -442,17 +434,41 @@ def _replace_group(
     return undo
 
 
-def _check_options(score: str, restore: bool, damp: float, offload: str | None, progress: Progress | None) -> None:
+def check_ratio_arguments(
+    ratio: float | None, target_fraction: float | None, group_ratios: Mapping[str, float] | None
+) -> None:
+    """Check :func:`fasp_prune`'s ratio arguments without a model (see :func:`resolve_ratios` for the rest).
+
+    Raises:
+        ValueError: naming ``ratio``, ``target_fraction`` or ``group_ratios``.
+    """
+    if ratio is not None and target_fraction is not None:
+        raise ValueError("ratio and target_fraction are exclusive: give one of them (group_ratios may go with either)")
+    if ratio is None and target_fraction is None and not group_ratios:
+        raise ValueError("give ratio (fraction of each group's units removed), target_fraction or group_ratios")
+    if ratio is not None:
+        _check_fraction(ratio, "ratio")
+    if target_fraction is not None:
+        _check_fraction(target_fraction, "target_fraction")
+    if group_ratios is not None and not isinstance(group_ratios, Mapping):
+        raise ValueError(f"group_ratios must be a mapping {{pattern: ratio}}, got {group_ratios!r}")
+    for pattern, value in dict(group_ratios or {}).items():
+        check_patterns([pattern], "group_ratios")
+        _check_fraction(value, f"group_ratios[{pattern!r}]")
+
+
+def check_solver_arguments(score: str, restore: bool, damp: float) -> None:
+    """Check :func:`fasp_prune`'s ``score``, ``restore`` and ``damp``.
+
+    Raises:
+        ValueError: naming the argument and the accepted values.
+    """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if not isinstance(restore, bool):
         raise ValueError(f"restore must be True or False, got {restore!r}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
         raise ValueError(f"damp must be a number >= 0, got {damp!r}")
-    if offload not in OFFLOAD_CHOICES:
-        raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
-    if progress is not None and not callable(progress):
-        raise ValueError(f"progress must be None or callable (name, block_index, n_blocks, result), got {progress!r}")
 
 
 def _check_fraction(value: Any, argument: str) -> None:

@@ -107,6 +107,15 @@ def test_parameter_count_matches_the_formula_and_reload_gives_equal_logits(famil
     assert torch.equal(logits(reloaded), logits(model))
 
 
+def test_a_model_read_from_a_directory_is_saved_as_the_slimmed_type(tiny_model, calibration_batches, tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()  # config.model_type is an attribute
+    fasp_prune(model, calibration_batches(), 0.25)
+    assert model.config.model_type == "llama_fasp"
+    model.save_pretrained(tmp_path / "slim")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "slim").eval()), logits(model))
+
+
 def test_mlp_only_uniform_pruning_stays_a_stock_model(tiny_model, calibration_batches, tmp_path):
     model = tiny_model("llama")
     fasp_prune(model, calibration_batches(), group_ratios={"mlp": 0.25})

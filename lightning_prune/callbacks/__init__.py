@@ -1,4 +1,5 @@
-"""Lightning callbacks: one-shot pruning (one class per method), keeping the zeros, export of the pruned model."""
+"""Lightning callbacks: one-shot pruning (one class per method), structured pruning (FASP), keeping the zeros,
+export of the pruned model."""
 
 from .export import ExportPrunedModelCallback
 from .mask import SparsityMaskCallback
@@ -6,15 +7,19 @@ from .pruning import (
     ALPSPruningCallback,
     MagnitudePruningCallback,
     OneShotPruningCallback,
+    PruningCallback,
     SparseGPTPruningCallback,
     WandaPruningCallback,
 )
+from .structured import FASPPruningCallback
 
 __all__ = [
     "ALPSPruningCallback",
     "ExportPrunedModelCallback",
+    "FASPPruningCallback",
     "MagnitudePruningCallback",
     "OneShotPruningCallback",
+    "PruningCallback",
     "SparseGPTPruningCallback",
     "SparsityMaskCallback",
     "WandaPruningCallback",

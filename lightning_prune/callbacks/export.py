@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from ..export import save_pruned
-from .pruning import OneShotPruningCallback
+from .pruning import PruningCallback
 
 
 class ExportPrunedModelCallback(Callback):
@@ -21,7 +21,7 @@ class ExportPrunedModelCallback(Callback):
     The directory reloads with ``AutoModelForCausalLM.from_pretrained``; it holds the tokenizer from
     ``pl_module.tokenizer_path`` when the module has one (:class:`~lightning_prune.module.CausalLMModule` does) and
     ``sparsity.json`` with the zeros measured in the saved weights and, as ``metadata``, the
-    :attr:`~OneShotPruningCallback.metadata` of the pruning callback of the trainer (method, pattern, per-layer
+    :attr:`~PruningCallback.metadata` of the pruning callback of the trainer (method, pattern, per-layer
     statistics, perplexity before / after); with several pruning callbacks, ``{"stages": [metadata, ...]}`` in
     callback order; with none, ``{}``. After a prune-then-finetune fit it saves the fine-tuned weights.
 
@@ -59,7 +59,7 @@ class ExportPrunedModelCallback(Callback):
         if stage != "fit":
             return
         position = next(index for index, callback in enumerate(trainer.callbacks) if callback is self)
-        late = [type(c).__name__ for c in trainer.callbacks[position + 1 :] if isinstance(c, OneShotPruningCallback)]
+        late = [type(c).__name__ for c in trainer.callbacks[position + 1 :] if isinstance(c, PruningCallback)]
         if late:
             raise ValueError(
                 f"{type(self).__name__} must come after the pruning callbacks in trainer.callbacks (it exports in "
@@ -90,7 +90,7 @@ class ExportPrunedModelCallback(Callback):
 
 def _pruning_metadata(trainer: Trainer) -> dict[str, Any]:
     """The metadata of the trainer's pruning callbacks: one's own, ``{"stages": [...]}`` for several, else ``{}``."""
-    stages = [c.metadata for c in trainer.callbacks if isinstance(c, OneShotPruningCallback)]
+    stages = [c.metadata for c in trainer.callbacks if isinstance(c, PruningCallback)]
     if len(stages) == 1:
         return stages[0]
     return {"stages": stages} if stages else {}

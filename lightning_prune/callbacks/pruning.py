@@ -1,17 +1,18 @@
 """One-shot pruning as Lightning callbacks: a calibration pass before the first training step (or a prune-only fit).
 
-:class:`OneShotPruningCallback` owns the hook plumbing (when to prune, where calibration and evaluation batches come
-from, progress, logging, resume state) and calls :func:`lightning_prune.oneshot`; the method classes
+:class:`PruningCallback` owns the hook plumbing (when to prune, where calibration and evaluation batches come from,
+progress, logging, the printed summary, resume state) and leaves one policy to its subclasses: how the model is
+pruned. :class:`OneShotPruningCallback` prunes weights with :func:`lightning_prune.oneshot`; the method classes
 (:class:`ALPSPruningCallback`, :class:`SparseGPTPruningCallback`, :class:`WandaPruningCallback`,
 :class:`MagnitudePruningCallback`) only fix ``method`` and turn their solver's options into constructor arguments.
-"""
+:class:`~lightning_prune.callbacks.structured.FASPPruningCallback` removes whole units instead (FASP)."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any
@@ -35,9 +36,13 @@ from ..solvers import PruneResult
 #: Prefix of every metric this callback sends to the trainer's loggers.
 METRIC_PREFIX = "prune"
 
+StepProgress = Callable[[str, int, int, Mapping[str, Any]], None]
+"""``progress(name, block_index, n_blocks, metrics)``: what :meth:`PruningCallback.prune_model` calls after each
+step (a layer, a coupled group); ``metrics`` are plain numbers logged as ``prune/<name>/<metric>``."""
 
-class OneShotPruningCallback(Callback):
-    r"""Prunes the linear layers of the model's decoder blocks once, block by block, from calibration batches.
+
+class PruningCallback(Callback):
+    r"""Base of the pruning callbacks: prunes ``pl_module.model`` once per fit, from calibration batches.
 
     The model is ``pl_module.model`` (the Hugging Face model of
     :class:`~lightning_prune.module.CausalLMModule`). Pruning runs once per fit:
@@ -48,48 +53,18 @@ class OneShotPruningCallback(Callback):
       ``limit_train_batches=0``), in which ``on_train_start`` never fires. The model is moved back to the
       strategy's device for it (Lightning has moved it to the CPU by then).
 
-    Calibration batches come from :meth:`calibration_batches`: the datamodule's ``calibration_dataloader()`` when
-    it has one (:class:`~lightning_prune.data.TextDataModule`: training windows only, the same on every rank),
-    else the trainer's train dataloader; each is moved to ``pl_module.device``. A tqdm bar counts the pruned
-    layers; every logger in ``trainer.loggers`` receives ``prune/<layer>/rel_error``, ``prune/<layer>/sparsity``
-    and ``prune/<layer>/seconds`` per layer and the totals (``prune/mean_rel_error``, ``prune/sparsity``,
-    ``prune/seconds``, ``prune/calibration_seconds``, ``prune/perplexity_before`` / ``_after`` with
-    ``evaluate``) at ``trainer.global_step``; a summary table is printed on rank zero.
+    Calibration batches come from :meth:`calibration_batches`: the datamodule's ``calibration_dataloader()`` when it
+    has one (:class:`~lightning_prune.data.TextDataModule`: training windows only, the same on every rank), else the
+    trainer's train dataloader; each is moved to ``pl_module.device``. A tqdm bar counts the pruning steps; every
+    logger in ``trainer.loggers`` receives the metrics of each step (``prune/<name>/<metric>``) and the totals
+    (``prune/<total>``, ``prune/perplexity_before`` / ``_after`` with ``evaluate``) at ``trainer.global_step``; a
+    summary table is printed on rank zero. The checkpointed state (:meth:`state_dict`) records that the model is
+    pruned, so a resumed fit never prunes twice.
 
-    After pruning, :attr:`masks` holds each layer's bool mask (True = kept) and :attr:`metadata` the method, the
-    pattern and the per-layer statistics, for :class:`~lightning_prune.callbacks.ExportPrunedModelCallback` and for
-    callbacks that keep the zeros during fine-tuning. The checkpointed state (:meth:`state_dict`) records that the
-    model is pruned, so a resumed fit never prunes twice.
-
-    Example::
-
-        from lightning.pytorch import Trainer
-        from lightning_prune.callbacks import ExportPrunedModelCallback, OneShotPruningCallback
-        from lightning_prune.data import TextDataModule
-        from lightning_prune.module import CausalLMModule
-
-        pruning = OneShotPruningCallback("sparsegpt", mask_structure="2:4", evaluate=True)
-        trainer = Trainer(max_steps=0, callbacks=[pruning, ExportPrunedModelCallback("pruned/model-2of4")])
-        trainer.fit(CausalLMModule("path/to/model"), datamodule=TextDataModule("path/to/model", "corpus/*.txt"))
+    Subclasses implement the policy, :meth:`prune_model`, and describe it with :attr:`metadata`,
+    :meth:`progress_total` and :meth:`format_summary`.
 
     Args:
-        method: ``"alps"`` (default), ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``; the method classes fix it.
-        sparsity: fraction of each layer's weights removed, in [0, 1); required for unstructured pruning, optional
-            with an N:M ``mask_structure`` (where it must equal ``1 − n/m``).
-        mask_structure: ``"0:0"`` (default) for unstructured, or ``"n:m"``: n weights **kept** of every m
-            consecutive inputs of each row (``"2:4"``), as in llm-compressor.
-        targets: layers to prune: names, name suffixes (``"down_proj"``), class names (``"Linear"``) or
-            ``"re:<regex>"`` on full names; default None: every linear layer inside the decoder blocks.
-        ignore: layers to leave dense, same syntax; default None. Embeddings and ``lm_head`` live outside the
-            decoder blocks and are never pruned, so llm-compressor's usual ``ignore: ["lm_head"]`` is implicit.
-        sparsity_overrides: ``{pattern: sparsity}`` for unstructured pruning; the first matching pattern sets a
-            layer's sparsity (e.g. ``{"down_proj": 0.5}``).
-        true_sequential: solve each block's layers group by group (q/k/v → o → gate/up → down), later groups
-            calibrated on the outputs of the pruned earlier ones (default False).
-        sequential_targets: the groups for ``true_sequential``, lists of patterns in forward order; default None:
-            the model family's.
-        solver_options: keyword options of the method's solver (see :mod:`lightning_prune.solvers`); the method
-            classes set them from their own arguments.
         num_calibration_batches: use only the first that many calibration batches; None (default): all of them.
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory between blocks; None keeps them
             on the model's device.
@@ -97,82 +72,42 @@ class OneShotPruningCallback(Callback):
             ``val_dataloader()``, else the trainer's validation dataloader) before and after pruning; logged and
             printed in the summary (default False).
         eval_batches: with ``evaluate``, use only the first that many validation batches; None (default): all.
-        resume_dir: a directory where each finished block is saved (:mod:`lightning_prune.progress`): a run that
-            crashed or was requeued mid-pruning resumes at the next block when rerun with the same arguments and
-            calibration data. Default None: nothing saved.
 
     Raises:
-        ValueError: at construction, naming the argument, for any bad value (the method's options are tried on a
-            tiny problem), so LightningCLI reports it before the fit starts; when pruning starts, for missing
+        ValueError: at construction, naming the argument, for any bad value; when pruning starts, for missing
             calibration or validation data or an unsupported model, before any weight changes.
 
     Note:
         The model must be whole on each process: FSDP, ModelParallel and DeepSpeed ZeRO stage 3 strategies are
         refused. Under DDP every process prunes its replica from the same calibration batches, which requires a
         datamodule with ``calibration_dataloader()`` (a train dataloader differs between ranks).
-
-    Note:
-        :attr:`masks` is filled by the pruning itself; after resuming from a checkpoint it is empty (the pruned
-        zeros are in the restored weights) while :attr:`metadata` is restored.
     """
+
+    #: Keys of the summary logged as totals (``prune/<key>``) besides the perplexities.
+    logged_totals: tuple[str, ...] = ("seconds", "calibration_seconds")
 
     def __init__(
         self,
-        method: str = "alps",
-        sparsity: float | None = None,
-        mask_structure: str = UNSTRUCTURED,
-        targets: list[str] | None = None,
-        ignore: list[str] | None = None,
-        sparsity_overrides: dict[str, float] | None = None,
-        true_sequential: bool = False,
-        sequential_targets: list[list[str]] | None = None,
-        solver_options: dict[str, Any] | None = None,
         num_calibration_batches: int | None = None,
         offload: str | None = "cpu",  # a string, not a torch.device, so that YAML configs can set it
         evaluate: bool = False,
         eval_batches: int | None = None,
-        resume_dir: str | None = None,
     ) -> None:
-        checked = check_oneshot_arguments(method, sparsity, mask_structure, sparsity_overrides, solver_options)
-        _, nm, _, options = checked
-        if nm is None and sparsity is None:
-            raise ValueError("sparsity is required for unstructured pruning (mask_structure='0:0')")
-        for name, flag in (("true_sequential", true_sequential), ("evaluate", evaluate)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
-        if sequential_targets is not None:
-            if not true_sequential:
-                raise ValueError("sequential_targets only applies with true_sequential=True")
-            if isinstance(sequential_targets, str) or not isinstance(sequential_targets, Sequence):
-                raise ValueError(f"sequential_targets must be a list of pattern lists, got {sequential_targets!r}")
-            for group in sequential_targets:
-                check_patterns(group, "sequential_targets")
+        if not isinstance(evaluate, bool):
+            raise ValueError(f"evaluate must be True or False, got {evaluate!r}")
         for name, count in (("num_calibration_batches", num_calibration_batches), ("eval_batches", eval_batches)):
             if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
                 raise ValueError(f"{name} must be None (all) or an integer >= 1, got {count!r}")
         if offload not in OFFLOAD_CHOICES:
             raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
-        if resume_dir is not None and (not isinstance(resume_dir, str) or not resume_dir):
-            raise ValueError(f"resume_dir must be None or a non-empty directory path, got {resume_dir!r}")
-        self.method = method
-        self.sparsity = sparsity
-        self.mask_structure = mask_structure
-        self.targets = check_patterns(targets, "targets")
-        self.ignore = check_patterns(ignore, "ignore")
-        self.sparsity_overrides = dict(sparsity_overrides or {})
-        self.true_sequential = true_sequential
-        self.sequential_targets = None if sequential_targets is None else [list(g) for g in sequential_targets]
-        self.solver_options = options
         self.num_calibration_batches = num_calibration_batches
         self.offload = offload
         self.evaluate = evaluate
         self.eval_batches = eval_batches
-        self.resume_dir = resume_dir
 
         self._pruned = False
         self._summary: dict[str, Any] = {}
         self._layers: dict[str, dict[str, Any]] = {}
-        self._masks: dict[str, torch.Tensor] = {}
 
     @property
     def pruned(self) -> bool:
@@ -180,26 +115,31 @@ class OneShotPruningCallback(Callback):
         return self._pruned
 
     @property
-    def masks(self) -> dict[str, torch.Tensor]:
-        """``{layer name: bool [out, in] mask on the CPU}``, True where a weight is kept; empty until pruned here."""
-        return self._masks
+    def metadata(self) -> dict[str, Any]:
+        """JSON-ready record of the pruning: the arguments, ``summary`` (totals) and ``layers`` (per-step statistics)."""
+        raise NotImplementedError
+
+    def prune_model(self, model: torch.nn.Module, batches: Iterable[Any], progress: StepProgress) -> dict[str, Any]:
+        """Prune ``model`` in place from ``batches``; the policy of a subclass.
+
+        Call ``progress(name, block_index, n_blocks, metrics)`` after each step (``metrics``: plain numbers, logged
+        as ``prune/<name>/<metric>``; ``rel_error`` is shown on the bar), fill ``self._layers`` with the per-step
+        statistics, and return the method's summary: plain values including ``solve_seconds``.
+        """
+        raise NotImplementedError
 
     @property
-    def metadata(self) -> dict[str, Any]:
-        """JSON-ready record of the pruning: arguments, ``summary`` (totals) and ``layers`` (per-layer statistics)."""
-        return {
-            "method": self.method,
-            "sparsity": self.sparsity,
-            "mask_structure": self.mask_structure,
-            "targets": self.targets,
-            "ignore": self.ignore,
-            "sparsity_overrides": self.sparsity_overrides,
-            "true_sequential": self.true_sequential,
-            "sequential_targets": self.sequential_targets,
-            "solver_options": self.solver_options,
-            "summary": self._summary,
-            "layers": self._layers,
-        }
+    def progress_label(self) -> str:
+        """The method's name on the progress bar."""
+        raise NotImplementedError
+
+    def progress_total(self, model: torch.nn.Module) -> int:
+        """Number of steps :meth:`prune_model` reports (the progress bar's total)."""
+        raise NotImplementedError
+
+    def format_summary(self, summary: Mapping[str, Any]) -> str:
+        """The table printed after pruning (built with :func:`format_table`)."""
+        raise NotImplementedError
 
     def calibration_batches(self, trainer: Trainer, pl_module: LightningModule) -> Iterable[Any]:
         """The calibration batches (the first ``num_calibration_batches`` are used); override to use other data.
@@ -260,7 +200,7 @@ class OneShotPruningCallback(Callback):
         self._layers = state_dict["layers"]
 
     def _prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Evaluate (optionally), prune with :func:`oneshot`, record, log and print the summary."""
+        """Evaluate (optionally), prune with :meth:`prune_model`, record, log and print the summary."""
         model = getattr(pl_module, "model", None)
         if not isinstance(model, torch.nn.Module):
             raise ValueError(
@@ -275,67 +215,48 @@ class OneShotPruningCallback(Callback):
         perplexity_before = None if evaluation is None else _perplexity(model, evaluation, device)
         eval_seconds = time.perf_counter() - start
 
+        log = trainer.loggers if trainer.is_global_zero else []
         with self._progress_bar(trainer, model) as bar:
-            log = trainer.loggers if trainer.is_global_zero else []
 
-            def progress(name: str, block_index: int, n_blocks: int, result: PruneResult) -> None:
-                metrics = {key: result.stats[key] for key in ("rel_error", "sparsity", "seconds")}
+            def progress(name: str, block_index: int, n_blocks: int, metrics: Mapping[str, Any]) -> None:
                 for logger in log:
                     logger.log_metrics(
                         {f"{METRIC_PREFIX}/{name}/{key}": value for key, value in metrics.items() if value is not None},
                         step=trainer.global_step,
                     )
-                bar.set_postfix(block=f"{block_index + 1}/{n_blocks}", rel_error=metrics["rel_error"], refresh=False)
+                bar.set_postfix(
+                    block=f"{block_index + 1}/{n_blocks}", rel_error=metrics.get("rel_error"), refresh=False
+                )
                 bar.update()
 
             prune_start = time.perf_counter()
-            reports = oneshot(
-                model,
-                batches,
-                self.method,
-                self.sparsity,
-                self.mask_structure,
-                targets=self.targets,
-                ignore=self.ignore,
-                sparsity_overrides=self.sparsity_overrides,
-                true_sequential=self.true_sequential,
-                sequential_targets=self.sequential_targets,
-                solver_options=self.solver_options,
-                offload=self.offload,
-                progress=progress,
-                resume_dir=self.resume_dir,
-            )
-            bar.update(len(reports) - bar.n)  # layers restored from resume_dir are not reported to progress
+            summary = self.prune_model(model, batches, progress)
+            bar.update(max(bar.total - bar.n, 0))  # steps restored from a resume directory are not reported
             prune_seconds = time.perf_counter() - prune_start
 
         after_start = time.perf_counter()
         perplexity_after = None if evaluation is None else _perplexity(model, evaluation, device)
         eval_seconds += time.perf_counter() - after_start
 
-        self._masks = {name: report.mask for name, report in reports.items()}
-        self._layers = {
-            name: {"block": report.block_index, "tokens": report.tokens, **report.stats}
-            for name, report in reports.items()
-        }
-        self._summary = _summarize(
-            reports, prune_seconds, eval_seconds, evaluation, perplexity_before, perplexity_after
-        )
-        self._pruned = True
-        totals = {
-            "mean_rel_error": self._summary["mean_rel_error"],
-            "sparsity": self._summary["sparsity"],
-            "seconds": self._summary["seconds"],
-            "calibration_seconds": self._summary["calibration_seconds"],
+        self._summary = {
+            **summary,
+            "seconds": prune_seconds,
+            "calibration_seconds": prune_seconds - summary["solve_seconds"],
+            "eval_batches": None if evaluation is None else len(evaluation),
+            "eval_seconds": None if evaluation is None else eval_seconds,
             "perplexity_before": perplexity_before,
             "perplexity_after": perplexity_after,
         }
+        self._pruned = True
+        totals = {key: self._summary[key] for key in self.logged_totals}
+        totals.update(perplexity_before=perplexity_before, perplexity_after=perplexity_after)
         for logger in log:
             logger.log_metrics(
                 {f"{METRIC_PREFIX}/{key}": value for key, value in totals.items() if value is not None},
                 step=trainer.global_step,
             )
             logger.save()
-        rank_zero_info(_format_summary(self.method, self.sparsity, self.mask_structure, self._summary))
+        rank_zero_info(self.format_summary(self._summary))
 
     def _evaluation_batches(self, trainer: Trainer) -> list[Any]:
         """The first ``eval_batches`` validation batches (read once, reused before and after pruning)."""
@@ -358,17 +279,12 @@ class OneShotPruningCallback(Callback):
 
     @contextmanager
     def _progress_bar(self, trainer: Trainer, model: torch.nn.Module) -> Iterator[Tqdm]:
-        """A Lightning-style tqdm bar over the layers to prune; disabled off rank zero or without a progress bar."""
-        path, blocks = find_blocks(model)
-        total = sum(
-            len(prunable_layers(block, f"{path}.{index}", self.targets, self.ignore))
-            for index, block in enumerate(blocks)
-        )
+        """A Lightning-style tqdm bar over the pruning steps; disabled off rank zero or without a progress bar."""
         progress_bar = trainer.progress_bar_callback
         bar = Tqdm(
-            desc=f"Pruning ({self.method})",
-            total=total,
-            unit="layer",
+            desc=f"Pruning ({self.progress_label})",
+            total=self.progress_total(model),
+            unit="step",
             disable=not trainer.is_global_zero or getattr(progress_bar, "is_disabled", True),
             leave=True,
             dynamic_ncols=True,
@@ -380,6 +296,209 @@ class OneShotPruningCallback(Callback):
             yield bar
         finally:
             bar.close()
+
+
+class OneShotPruningCallback(PruningCallback):
+    r"""Prunes the linear layers of the model's decoder blocks once, block by block, from calibration batches.
+
+    When it prunes (``on_train_start``, or ``on_fit_end`` for a prune-only fit), where the batches come from, the
+    progress bar, logging and resume state are :class:`PruningCallback`'s. Every logger in ``trainer.loggers``
+    receives ``prune/<layer>/rel_error``, ``prune/<layer>/sparsity`` and ``prune/<layer>/seconds`` per layer and
+    the totals ``prune/mean_rel_error``, ``prune/sparsity``, ``prune/seconds``, ``prune/calibration_seconds``
+    (and ``prune/perplexity_before`` / ``_after`` with ``evaluate``).
+
+    After pruning, :attr:`masks` holds each layer's bool mask (True = kept) and :attr:`metadata` the method, the
+    pattern and the per-layer statistics, for :class:`~lightning_prune.callbacks.ExportPrunedModelCallback` and for
+    callbacks that keep the zeros during fine-tuning. The checkpointed state (:meth:`state_dict`) records that the
+    model is pruned, so a resumed fit never prunes twice.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_prune.callbacks import ExportPrunedModelCallback, OneShotPruningCallback
+        from lightning_prune.data import TextDataModule
+        from lightning_prune.module import CausalLMModule
+
+        pruning = OneShotPruningCallback("sparsegpt", mask_structure="2:4", evaluate=True)
+        trainer = Trainer(max_steps=0, callbacks=[pruning, ExportPrunedModelCallback("pruned/model-2of4")])
+        trainer.fit(CausalLMModule("path/to/model"), datamodule=TextDataModule("path/to/model", "corpus/*.txt"))
+
+    Args:
+        method: ``"alps"`` (default), ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``; the method classes fix it.
+        sparsity: fraction of each layer's weights removed, in [0, 1); required for unstructured pruning, optional
+            with an N:M ``mask_structure`` (where it must equal ``1 − n/m``).
+        mask_structure: ``"0:0"`` (default) for unstructured, or ``"n:m"``: n weights **kept** of every m
+            consecutive inputs of each row (``"2:4"``), as in llm-compressor.
+        targets: layers to prune: names, name suffixes (``"down_proj"``), class names (``"Linear"``) or
+            ``"re:<regex>"`` on full names; default None: every linear layer inside the decoder blocks.
+        ignore: layers to leave dense, same syntax; default None. Embeddings and ``lm_head`` live outside the
+            decoder blocks and are never pruned, so llm-compressor's usual ``ignore: ["lm_head"]`` is implicit.
+        sparsity_overrides: ``{pattern: sparsity}`` for unstructured pruning; the first matching pattern sets a
+            layer's sparsity (e.g. ``{"down_proj": 0.5}``).
+        true_sequential: solve each block's layers group by group (q/k/v → o → gate/up → down), later groups
+            calibrated on the outputs of the pruned earlier ones (default False).
+        sequential_targets: the groups for ``true_sequential``, lists of patterns in forward order; default None:
+            the model family's.
+        solver_options: keyword options of the method's solver (see :mod:`lightning_prune.solvers`); the method
+            classes set them from their own arguments.
+        num_calibration_batches: use only the first that many calibration batches; None (default): all of them.
+        offload: ``"cpu"`` (default) keeps calibration activations in CPU memory between blocks; None keeps them
+            on the model's device.
+        evaluate: measure the token-weighted perplexity on the validation batches (the datamodule's
+            ``val_dataloader()``, else the trainer's validation dataloader) before and after pruning; logged and
+            printed in the summary (default False).
+        eval_batches: with ``evaluate``, use only the first that many validation batches; None (default): all.
+        resume_dir: a directory where each finished block is saved (:mod:`lightning_prune.progress`): a run that
+            crashed or was requeued mid-pruning resumes at the next block when rerun with the same arguments and
+            calibration data. Default None: nothing saved.
+
+    Raises:
+        ValueError: at construction, naming the argument, for any bad value (the method's options are tried on a
+            tiny problem), so LightningCLI reports it before the fit starts; when pruning starts, for missing
+            calibration or validation data or an unsupported model, before any weight changes.
+
+    Note:
+        As for every :class:`PruningCallback`, the model must be whole on each process (no FSDP, ModelParallel or
+        DeepSpeed ZeRO stage 3).
+
+    Note:
+        :attr:`masks` is filled by the pruning itself; after resuming from a checkpoint it is empty (the pruned
+        zeros are in the restored weights) while :attr:`metadata` is restored.
+    """
+
+    logged_totals = ("mean_rel_error", "sparsity", "seconds", "calibration_seconds")
+
+    def __init__(
+        self,
+        method: str = "alps",
+        sparsity: float | None = None,
+        mask_structure: str = UNSTRUCTURED,
+        targets: list[str] | None = None,
+        ignore: list[str] | None = None,
+        sparsity_overrides: dict[str, float] | None = None,
+        true_sequential: bool = False,
+        sequential_targets: list[list[str]] | None = None,
+        solver_options: dict[str, Any] | None = None,
+        num_calibration_batches: int | None = None,
+        offload: str | None = "cpu",  # a string, not a torch.device, so that YAML configs can set it
+        evaluate: bool = False,
+        eval_batches: int | None = None,
+        resume_dir: str | None = None,
+    ) -> None:
+        checked = check_oneshot_arguments(method, sparsity, mask_structure, sparsity_overrides, solver_options)
+        _, nm, _, options = checked
+        if nm is None and sparsity is None:
+            raise ValueError("sparsity is required for unstructured pruning (mask_structure='0:0')")
+        super().__init__(num_calibration_batches, offload, evaluate, eval_batches)
+        if not isinstance(true_sequential, bool):
+            raise ValueError(f"true_sequential must be True or False, got {true_sequential!r}")
+        if sequential_targets is not None:
+            if not true_sequential:
+                raise ValueError("sequential_targets only applies with true_sequential=True")
+            if isinstance(sequential_targets, str) or not isinstance(sequential_targets, Sequence):
+                raise ValueError(f"sequential_targets must be a list of pattern lists, got {sequential_targets!r}")
+            for group in sequential_targets:
+                check_patterns(group, "sequential_targets")
+        if resume_dir is not None and (not isinstance(resume_dir, str) or not resume_dir):
+            raise ValueError(f"resume_dir must be None or a non-empty directory path, got {resume_dir!r}")
+        self.method = method
+        self.sparsity = sparsity
+        self.mask_structure = mask_structure
+        self.targets = check_patterns(targets, "targets")
+        self.ignore = check_patterns(ignore, "ignore")
+        self.sparsity_overrides = dict(sparsity_overrides or {})
+        self.true_sequential = true_sequential
+        self.sequential_targets = None if sequential_targets is None else [list(g) for g in sequential_targets]
+        self.solver_options = options
+        self.resume_dir = resume_dir
+        self._masks: dict[str, torch.Tensor] = {}
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{layer name: bool [out, in] mask on the CPU}``, True where a weight is kept; empty until pruned here."""
+        return self._masks
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """JSON-ready record of the pruning: arguments, ``summary`` (totals) and ``layers`` (per-layer statistics)."""
+        return {
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "mask_structure": self.mask_structure,
+            "targets": self.targets,
+            "ignore": self.ignore,
+            "sparsity_overrides": self.sparsity_overrides,
+            "true_sequential": self.true_sequential,
+            "sequential_targets": self.sequential_targets,
+            "solver_options": self.solver_options,
+            "summary": self._summary,
+            "layers": self._layers,
+        }
+
+    @property
+    @override
+    def progress_label(self) -> str:
+        return self.method
+
+    @override
+    def progress_total(self, model: torch.nn.Module) -> int:
+        path, blocks = find_blocks(model)
+        return sum(
+            len(prunable_layers(block, f"{path}.{index}", self.targets, self.ignore))
+            for index, block in enumerate(blocks)
+        )
+
+    @override
+    def prune_model(self, model: torch.nn.Module, batches: Iterable[Any], progress: StepProgress) -> dict[str, Any]:
+        """Prune with :func:`~lightning_prune.oneshot`; record each layer's mask and statistics."""
+
+        def layer_done(name: str, block_index: int, n_blocks: int, result: PruneResult) -> None:
+            progress(name, block_index, n_blocks, {key: result.stats[key] for key in ("rel_error", "sparsity", "seconds")})
+
+        reports = oneshot(
+            model,
+            batches,
+            self.method,
+            self.sparsity,
+            self.mask_structure,
+            targets=self.targets,
+            ignore=self.ignore,
+            sparsity_overrides=self.sparsity_overrides,
+            true_sequential=self.true_sequential,
+            sequential_targets=self.sequential_targets,
+            solver_options=self.solver_options,
+            offload=self.offload,
+            progress=layer_done,
+            resume_dir=self.resume_dir,
+        )
+        self._masks = {name: report.mask for name, report in reports.items()}
+        self._layers = {
+            name: {"block": report.block_index, "tokens": report.tokens, **report.stats}
+            for name, report in reports.items()
+        }
+        return _summarize(reports)
+
+    @override
+    def format_summary(self, summary: Mapping[str, Any]) -> str:
+        pattern = (
+            f"{self.sparsity:g} unstructured"
+            if self.mask_structure == UNSTRUCTURED
+            else f"{self.mask_structure} (n kept of m)"
+        )
+        rows = [
+            ("layers", f"{summary['layers']} in {summary['blocks']} blocks"),
+            ("achieved sparsity", f"{100 * summary['sparsity']:.2f} % ({summary['removed']:,} of {summary['weights']:,})"),
+        ]
+        if summary["mean_rel_error"] is not None:
+            rows.append(
+                (
+                    "rel. error",
+                    f"mean {summary['mean_rel_error']:.4g}, max {summary['max_rel_error']:.4g} "
+                    f"({summary['max_rel_error_layer']})",
+                )
+            )
+        rows.append(("calibration tokens", f"{summary['calibration_tokens']:,}"))
+        return format_table(f"One-shot pruning with {self.method} at {pattern}:", rows, summary)
 
 
 class ALPSPruningCallback(OneShotPruningCallback):
@@ -538,14 +657,7 @@ def _perplexity(model: torch.nn.Module, batches: list[Any], device: torch.device
     return math.exp(total / count)
 
 
-def _summarize(
-    reports: Mapping[str, Any],
-    prune_seconds: float,
-    eval_seconds: float,
-    evaluation: list[Any] | None,
-    perplexity_before: float | None,
-    perplexity_after: float | None,
-) -> dict[str, Any]:
+def _summarize(reports: Mapping[str, Any]) -> dict[str, Any]:
     """Totals over the pruned layers (plain Python values, stored in checkpoints and ``sparsity.json``)."""
     numel = sum(report.mask.numel() for report in reports.values())
     removed = sum(int((~report.mask).sum()) for report in reports.values())
@@ -553,7 +665,6 @@ def _summarize(
         name: report.stats["rel_error"] for name, report in reports.items() if report.stats.get("rel_error") is not None
     }
     worst = max(errors, key=errors.get) if errors else None
-    solve_seconds = sum(report.stats["seconds"] for report in reports.values())
     return {
         "layers": len(reports),
         "blocks": len({report.block_index for report in reports.values()}),
@@ -564,36 +675,18 @@ def _summarize(
         "max_rel_error": errors[worst] if worst else None,
         "max_rel_error_layer": worst,
         "calibration_tokens": max(report.tokens for report in reports.values()),
-        "seconds": prune_seconds,
-        "solve_seconds": solve_seconds,
-        "calibration_seconds": prune_seconds - solve_seconds,
-        "eval_batches": None if evaluation is None else len(evaluation),
-        "eval_seconds": None if evaluation is None else eval_seconds,
-        "perplexity_before": perplexity_before,
-        "perplexity_after": perplexity_after,
+        "solve_seconds": sum(report.stats["seconds"] for report in reports.values()),
     }
 
 
-def _format_summary(method: str, sparsity: float | None, mask_structure: str, summary: Mapping[str, Any]) -> str:
-    """The summary table printed at the end of pruning."""
-    pattern = f"{sparsity:g} unstructured" if mask_structure == UNSTRUCTURED else f"{mask_structure} (n kept of m)"
+def format_table(title: str, rows: Sequence[tuple[str, str]], summary: Mapping[str, Any]) -> str:
+    """``title`` and the method's ``rows``, then the rows every pruning callback prints: wall time (calibration passes
+    and solves) and, after an evaluation, the perplexities; names aligned in one column."""
     rows = [
-        ("layers", f"{summary['layers']} in {summary['blocks']} blocks"),
-        ("achieved sparsity", f"{100 * summary['sparsity']:.2f} % ({summary['removed']:,} of {summary['weights']:,})"),
-    ]
-    if summary["mean_rel_error"] is not None:
-        rows.append(
-            (
-                "rel. error",
-                f"mean {summary['mean_rel_error']:.4g}, max {summary['max_rel_error']:.4g} "
-                f"({summary['max_rel_error_layer']})",
-            )
-        )
-    rows += [
-        ("calibration tokens", f"{summary['calibration_tokens']:,}"),
+        *rows,
         ("wall time", f"{summary['seconds']:.1f} s"),
         ("  calibration passes", f"{summary['calibration_seconds']:.1f} s"),
-        ("  layer solves", f"{summary['solve_seconds']:.1f} s"),
+        ("  solves", f"{summary['solve_seconds']:.1f} s"),
     ]
     if summary["perplexity_before"] is not None:
         rows += [
@@ -602,6 +695,4 @@ def _format_summary(method: str, sparsity: float | None, mask_structure: str, su
             ("evaluation", f"{summary['eval_batches']} batches, {summary['eval_seconds']:.1f} s"),
         ]
     width = max(len(name) for name, _ in rows)
-    lines = [f"One-shot pruning with {method} at {pattern}:"]
-    lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
-    return "\n".join(lines)
+    return "\n".join([title, *(f"  {name.ljust(width)}  {value}" for name, value in rows)])

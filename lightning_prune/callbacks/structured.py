@@ -1,0 +1,206 @@
+"""Structured pruning as a Lightning callback: FASP removes whole units and slims the model once per fit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from typing_extensions import override
+
+from ..structured import check_ratio_arguments, check_solver_arguments, fasp_prune, resolve_ratios
+from .pruning import PruningCallback, StepProgress, format_table
+
+
+class FASPPruningCallback(PruningCallback):
+    r"""Prunes ``pl_module.model`` structurally with FASP: value channels and MLP channels removed, layers shrunk.
+
+    Each decoder block loses the lowest-scoring value channels (every KV head the same number) with the matching
+    input columns of the attention output projection, and the lowest-scoring MLP channels with the matching columns
+    of the down projection; the later layers are refit by least squares (:func:`lightning_prune.structured.fasp_prune`).
+    The model becomes physically smaller: after a prune-only fit, :class:`~lightning_prune.callbacks.ExportPrunedModelCallback`
+    saves a directory that reloads with ``AutoModelForCausalLM.from_pretrained`` (after ``import lightning_prune``
+    when the value widths shrank, see :mod:`lightning_prune.slim_models`). When, where from and how visibly it
+    prunes is :class:`PruningCallback`'s plumbing. Loggers receive ``prune/<group>/rel_error``,
+    ``prune/<group>/rel_error_before``, ``prune/<group>/ratio`` and ``prune/<group>/seconds`` per coupled group
+    (``model.layers.3.mlp``) and the totals ``prune/mean_rel_error``, ``prune/removed_fraction``,
+    ``prune/parameters_after``, ``prune/seconds``, ``prune/calibration_seconds``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_prune.callbacks import ExportPrunedModelCallback, FASPPruningCallback
+
+        pruning = FASPPruningCallback(target_fraction=0.2, evaluate=True)   # 20 % of the decoder-linear weights
+        trainer = Trainer(max_steps=0, callbacks=[pruning, ExportPrunedModelCallback("pruned/model-fasp-20")])
+        trainer.fit(CausalLMModule("path/to/model"), datamodule=TextDataModule("path/to/model", "corpus/*.txt"))
+
+    Args:
+        ratio: fraction of every coupled group's units removed, in [0, 1).
+        target_fraction: instead of ``ratio``: fraction of the decoder-linear parameters removed, in [0, 1); one
+            ratio for every group not in ``group_ratios`` is solved for.
+        group_ratios: ``{pattern: ratio}`` overrides: ``"attention"``, ``"mlp"`` or a group name such as
+            ``"model.layers.0.mlp"`` (first match wins); alone, only the matched groups are pruned.
+        score: ``"wanda"`` (default, activation-weighted) or ``"magnitude"`` column scores.
+        restore: refit the later layers by least squares (default True).
+        damp: relative damping of the refit (default 0.01).
+        num_calibration_batches, offload, evaluate, eval_batches: see :class:`PruningCallback`.
+
+    Raises:
+        ValueError: at construction, naming the argument, for a bad ratio, pattern or option; when the fit starts,
+            for a multi-process or DeepSpeed run (see the note); when pruning starts, for an unsupported model (GPT-2)
+            or a pattern that matches no group, before the model changes.
+
+    Note:
+        Slimming *replaces* the model's linear layers. When pruning runs in ``on_train_start`` (prune then
+        fine-tune), the optimizers and learning-rate schedulers are rebuilt right after
+        (``trainer.strategy.setup_optimizers(trainer)``), so ``configure_optimizers`` sees the new parameters.
+        Strategies that wrap the parameters before training (DDP with several processes, DeepSpeed) would keep
+        the old ones and are refused. A Lightning checkpoint of a slimmed model does not load into the dense model:
+        to continue after pruning, fine-tune the exported directory (``model_name_or_path``) without this callback.
+    """
+
+    logged_totals = ("mean_rel_error", "removed_fraction", "parameters_after", "seconds", "calibration_seconds")
+
+    def __init__(
+        self,
+        ratio: float | None = None,
+        target_fraction: float | None = None,
+        group_ratios: dict[str, float] | None = None,
+        score: str = "wanda",
+        restore: bool = True,
+        damp: float = 0.01,
+        num_calibration_batches: int | None = None,
+        offload: str | None = "cpu",  # a string, not a torch.device, so that YAML configs can set it
+        evaluate: bool = False,
+        eval_batches: int | None = None,
+    ) -> None:
+        super().__init__(num_calibration_batches, offload, evaluate, eval_batches)
+        check_ratio_arguments(ratio, target_fraction, group_ratios)
+        check_solver_arguments(score, restore, damp)
+        self.ratio = ratio
+        self.target_fraction = target_fraction
+        self.group_ratios = dict(group_ratios or {})
+        self.score = score
+        self.restore = restore
+        self.damp = damp
+
+    @property
+    @override
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "method": "fasp",
+            "ratio": self.ratio,
+            "target_fraction": self.target_fraction,
+            "group_ratios": self.group_ratios,
+            "score": self.score,
+            "restore": self.restore,
+            "damp": self.damp,
+            "summary": self._summary,
+            "layers": self._layers,
+        }
+
+    @property
+    @override
+    def progress_label(self) -> str:
+        return "fasp"
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.world_size > 1 or isinstance(trainer.strategy, DeepSpeedStrategy):
+            raise ValueError(
+                f"{type(self).__name__} replaces the model's layers, which {type(trainer.strategy).__name__} with "
+                f"{trainer.world_size} process(es) has already wrapped: prune in a single-process run without "
+                "DeepSpeed, then fine-tune the exported model"
+            )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.pruned:
+            super().on_train_start(trainer, pl_module)
+            trainer.strategy.setup_optimizers(trainer)
+
+    @override
+    def progress_total(self, model: torch.nn.Module) -> int:
+        ratios = resolve_ratios(
+            model, self.ratio, target_fraction=self.target_fraction, group_ratios=self.group_ratios
+        )
+        return sum(1 for ratio in ratios.values() if ratio > 0)
+
+    @override
+    def prune_model(self, model: torch.nn.Module, batches: Iterable[Any], progress: StepProgress) -> dict[str, Any]:
+        """Prune with :func:`~lightning_prune.structured.fasp_prune`; record each group's statistics."""
+
+        def group_done(name: str, block_index: int, n_blocks: int, result: Any) -> None:
+            keys = ("rel_error", "rel_error_before", "ratio", "seconds")
+            progress(name, block_index, n_blocks, {key: result.stats[key] for key in keys})
+
+        report = fasp_prune(
+            model,
+            batches,
+            self.ratio,
+            target_fraction=self.target_fraction,
+            group_ratios=self.group_ratios,
+            score=self.score,
+            restore=self.restore,
+            damp=self.damp,
+            offload=self.offload,
+            progress=group_done,
+        )
+        self._layers = {
+            name: {
+                "block": group.block_index,
+                "tokens": group.tokens,
+                "width_before": group.width_before,
+                "width_after": group.width_after,
+                **group.stats,
+            }
+            for name, group in report.groups.items()
+        }
+        errors = {name: group.stats["rel_error"] for name, group in report.groups.items()}
+        worst = max(errors, key=errors.get) if errors else None
+        return {
+            "groups": len(report.groups),
+            "blocks": len({group.block_index for group in report.groups.values()}),
+            "parameters_before": report.parameters_before,
+            "parameters_after": report.parameters_after,
+            "decoder_linear_parameters": report.decoder_linear_parameters,
+            "removed_fraction": report.removed_fraction,
+            "model_type": getattr(getattr(model, "config", None), "model_type", None),
+            "mean_rel_error": sum(errors.values()) / len(errors) if errors else None,
+            "max_rel_error": errors[worst] if worst else None,
+            "max_rel_error_group": worst,
+            "calibration_tokens": max((group.tokens for group in report.groups.values()), default=0),
+            "solve_seconds": sum(group.stats["seconds"] for group in report.groups.values()),
+        }
+
+    @override
+    def format_summary(self, summary: Mapping[str, Any]) -> str:
+        if self.target_fraction is not None:
+            amount = f"{self.target_fraction:g} of the decoder-linear parameters"
+        else:
+            amount = f"ratio {self.ratio or 0:g}" + (f", overrides {self.group_ratios}" if self.group_ratios else "")
+        rows = [
+            ("groups", f"{summary['groups']} in {summary['blocks']} blocks"),
+            (
+                "parameters",
+                f"{summary['parameters_before']:,} -> {summary['parameters_after']:,} "
+                f"({100 * summary['removed_fraction']:.2f} % of {summary['decoder_linear_parameters']:,} "
+                "decoder-linear removed)",
+            ),
+            ("model type", str(summary["model_type"])),
+        ]
+        if summary["mean_rel_error"] is not None:
+            rows.append(
+                (
+                    "rel. error",
+                    f"mean {summary['mean_rel_error']:.4g}, max {summary['max_rel_error']:.4g} "
+                    f"({summary['max_rel_error_group']})",
+                )
+            )
+        rows.append(("calibration tokens", f"{summary['calibration_tokens']:,}"))
+        score = self.score + ("" if self.restore else ", no restoration")
+        return format_table(f"Structured pruning with FASP ({score}) at {amount}:", rows, summary)
