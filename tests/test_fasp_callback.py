@@ -1,6 +1,8 @@
 """FASPPruningCallback in real Trainer fits on a tiny LLaMA: prune-only with export, prune then fine-tune."""
 
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import lightning_prune  # noqa: F401  (registers the *_fasp model types)
 from lightning_prune.callbacks import ExportPrunedModelCallback, FASPPruningCallback
+from lightning_prune.cli import main
 from lightning_prune.data import TextDataModule
 from lightning_prune.export import load_sparsity_metadata
 from lightning_prune.module import CausalLMModule
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "fasp-prune.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +102,19 @@ def test_prune_then_finetune_rebuilds_the_optimizer_for_the_slimmed_layers(tmp_p
 def test_bad_arguments_raise_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FASPPruningCallback(**kwargs)
+
+
+def test_the_recipe_runs_on_a_tiny_model(tmp_path, model_dir, datamodule, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-prune"])
+    monkeypatch.chdir(tmp_path)  # the recipe's relative output paths land here
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"  # written by the datamodule fixture
+    small = tmp_path / "small.yaml"
+    small.write_text("data:\n  seq_len: 16\n  batch_size: 4\n  calibration_samples: 8\n")
+    main([
+        "fit", "--config", RECIPE, "--config", str(small), "--model.model_name_or_path", model_dir,
+        "--data.train_files", str(train), "--data.val_files", str(val), "--data.cache_dir", str(tmp_path / "cache"),
+    ])
+    record = load_sparsity_metadata(tmp_path / "pruned" / "smollm2-fasp-20")
+    assert record["metadata"]["method"] == "fasp" and record["metadata"]["target_fraction"] == 0.2
+    assert record["metadata"]["summary"]["removed_fraction"] >= 0.2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "pruned" / "smollm2-fasp-20").config.model_type == "llama_fasp"
