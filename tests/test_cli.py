@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import make_documents, make_tiny_causal_lm
 
 from lightning_prune import embedded
@@ -48,16 +49,17 @@ def test_recipe_runs_on_a_tiny_model_with_overrides_and_a_composed_config(tiny, 
     small = tmp_path / "small.yaml"
     small.write_text("data:\n  seq_len: 16\n  batch_size: 4\n  calibration_samples: 8\n")
     with caplog.at_level(logging.INFO):
-        cli = main(["fit", "--config", RECIPE, "--config", str(small), *overrides(tiny, tmp_path)])
-    assert cli.datamodule.hparams.seq_len == 16 and cli.datamodule.hparams.tokenizer_name_or_path == tiny["model"]
+        main(["fit", "--config", RECIPE, "--config", str(small), *overrides(tiny, tmp_path)])
+    (logs,) = (tmp_path / "pruned" / "smollm2-alps-70-logs").glob("version_*")
+    hparams = yaml.safe_load((logs / "hparams.yaml").read_text())  # the module's and datamodule's, merged
+    assert hparams["seq_len"] == 16 and hparams["tokenizer_name_or_path"] == tiny["model"]
     record = load_sparsity_metadata(tmp_path / "pruned" / "smollm2-alps-70")
     assert record["metadata"]["method"] == "alps" and record["metadata"]["sparsity"] == 0.7
     assert record["measured"]["total"]["sparsity"] == pytest.approx(0.7, abs=1e-3)
     summary = record["metadata"]["summary"]
     assert summary["perplexity_after"] > 1 and summary["eval_batches"] == 4
     assert "perplexity before" in caplog.text and "perplexity after" in caplog.text
-    (metrics,) = (tmp_path / "pruned" / "smollm2-alps-70-logs").glob("version_*/metrics.csv")
-    with metrics.open() as f:
+    with (logs / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert any(row.get("prune/perplexity_after") for row in rows)
     assert any(row.get("prune/model.layers.1.mlp.down_proj/rel_error") for row in rows)
