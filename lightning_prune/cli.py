@@ -34,9 +34,14 @@ class PruneCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
 
 
-def main(args: list[str] | None = None) -> None:
-    """Run the command line (``args`` default: ``sys.argv[1:]``); the console script ``lightning-prune``.
+def run(args: list[str] | None = None) -> PruneCLI:
+    """Run the command line (``args`` default: ``sys.argv[1:]``); returns the CLI (its ``trainer``, ``model``, …).
 
     The configuration of each run is saved next to its logs, overwriting the one of a previous run there.
     """
-    PruneCLI(CausalLMModule, TextDataModule, save_config_kwargs={"overwrite": True}, args=args)
+    return PruneCLI(CausalLMModule, TextDataModule, save_config_kwargs={"overwrite": True}, args=args)
+
+
+def main(args: list[str] | None = None) -> None:
+    """The console script ``lightning-prune``: :func:`run`, returning None so that the exit status is 0."""
+    run(args)
