@@ -134,9 +134,11 @@ class CausalLMModule(LightningModule):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if tokenizer_name_or_path == "" or not isinstance(tokenizer_name_or_path, (str, type(None))):
             raise ValueError(f"tokenizer_name_or_path must be None or a non-empty path, got {tokenizer_name_or_path!r}")
+        # record the tokenizer actually used, so it matches a datamodule's when Lightning merges both for loggers
+        tokenizer_name_or_path = tokenizer_name_or_path or model_name_or_path
         self.save_hyperparameters()
         self._model_path = _resolve_path(model_name_or_path, "model_name_or_path")
-        self._tokenizer_path = _resolve_path(tokenizer_name_or_path or model_name_or_path, "tokenizer_name_or_path")
+        self._tokenizer_path = _resolve_path(tokenizer_name_or_path, "tokenizer_name_or_path")
         self.model: PreTrainedModel | None = None
         self.val_loss = MeanMetric()
         self.val_perplexity = TokenPerplexity()

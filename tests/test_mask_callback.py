@@ -76,7 +76,7 @@ def pruned_weights(module, masks):
 
 
 def test_adamw_weight_decay_bf16_and_clipping_cannot_revive_pruned_weights(tmp_path, model_dir, datamodule):
-    module = CausalLMModule(model_dir, learning_rate=1e-2, weight_decay=0.1, tokenizer_name_or_path=model_dir)
+    module = CausalLMModule(model_dir, learning_rate=1e-2, weight_decay=0.1)
     pruning, mask_callback, recorder = PrunesAtTrainStart(), SparsityMaskCallback(log_every_n_steps=10), Recorder()
     trainer = fit(
         module, datamodule, [pruning, mask_callback], tmp_path, precision="bf16-mixed", gradient_clip_val=1.0,

@@ -55,7 +55,7 @@ def test_model_is_loaded_once_in_configure_model(model_dir):
     assert CausalLMModule(model_dir, tokenizer_name_or_path="tok").tokenizer_path == "tok"
     assert dict(module.hparams) == {
         "model_name_or_path": model_dir, "dtype": "float32", "learning_rate": 1e-5, "weight_decay": 0.0,
-        "warmup_steps": 0, "betas": (0.9, 0.999), "tokenizer_name_or_path": None,
+        "warmup_steps": 0, "betas": (0.9, 0.999), "tokenizer_name_or_path": model_dir,
     }
     half = CausalLMModule(model_dir, dtype="bfloat16")
     half.configure_model()

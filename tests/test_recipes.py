@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import make_documents, make_tiny_causal_lm
 
-from lightning_prune.cli import main
+from lightning_prune.cli import run
 from lightning_prune.export import load_sparsity_metadata
 
 FINETUNE = Path(__file__).resolve().parents[1] / "recipes" / "finetune"
@@ -51,7 +51,7 @@ def test_every_method_file_has_been_found():
 @pytest.mark.parametrize("method", METHODS)
 def test_recipe_prunes_finetunes_and_exports_with_the_mask_kept(method, tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", str(FINETUNE / "base.yaml"), "--config", str(FINETUNE / method),
+    cli = run(["fit", "--config", str(FINETUNE / "base.yaml"), "--config", str(FINETUNE / method),
                 *small_run(tiny, tmp_path)])
     assert cli.trainer.global_step == 3
     (exported,) = [path for path in (tmp_path / "pruned").iterdir() if path.name.endswith("-finetuned")]
@@ -72,6 +72,6 @@ def test_unknown_callback_argument_fails_at_parse_time(tiny, tmp_path, monkeypat
         "      init_args: {sparsity: 0.7, rho_start: 0.1}\n"
     )
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(FINETUNE / "base.yaml"), "--config", str(bad), *small_run(tiny, tmp_path)])
+        run(["fit", "--config", str(FINETUNE / "base.yaml"), "--config", str(bad), *small_run(tiny, tmp_path)])
     assert "rho_start" in capsys.readouterr().err
     assert not (tmp_path / "pruned").exists()
