@@ -11,7 +11,9 @@ therefore saved in one of two ways:
   group per block: ``{"attention": [v_head_dim of block 0, ...], "mlp": [intermediate size of block 0, ...]}``
   (``v_head_dim`` = value channels per KV head). The model subclasses build the stock model, then give each block
   the recorded sizes and an attention whose values split into heads of ``v_head_dim`` channels (queries and keys
-  keep ``head_dim``; the softmax scale stays ``head_dim ** -0.5``).
+  keep ``head_dim``; the softmax scale stays ``head_dim ** -0.5``). Inside the attention the values are zero-padded
+  to ``head_dim`` (:func:`pad_values`), so every attention kernel and KV cache (static ones included) works
+  unchanged; ``v_proj`` and ``o_proj`` are the layers that shrink.
 
 The slimmed classes are registered with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` when
 ``lightning_prune`` is imported, so::
@@ -19,8 +21,6 @@ The slimmed classes are registered with ``AutoConfig`` / ``AutoModel`` / ``AutoM
     import lightning_prune  # registers the *_fasp model types
     model = AutoModelForCausalLM.from_pretrained(saved_directory)
 
-Limits: the narrower values work with the eager and SDPA attention kernels and the default dynamic KV cache;
-flash-attention kernels and static caches assume one head size for keys and values.
 """
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ from transformers.models.qwen2 import modeling_qwen2
 from .architectures import CouplingGroup, attention_heads, coupling_groups, find_blocks, in_features
 
 
+def pad_values(value: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``value [..., v_head_dim]`` zero-padded to ``[..., head_dim]``: attention kernels and KV caches expect values
+    as wide as queries and keys (PyTorch's fused CPU attention falls back to a ~10x slower path otherwise); the zero
+    channels contribute nothing and are dropped from the output before the output projection."""
+    width = value.shape[-1]
+    return value if width == head_dim else nn.functional.pad(value, (0, head_dim - width))
+
+
 class _ValueSlimLlamaAttention:
     """LLaMA-style attention whose values split into heads of ``self.v_head_dim`` channels (instance attribute)."""
 
@@ -66,7 +74,7 @@ class _ValueSlimLlamaAttention:
         tokens = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*tokens, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(*tokens, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(*tokens, -1, self.v_head_dim).transpose(1, 2)
+        value = pad_values(self.v_proj(hidden_states).view(*tokens, -1, self.v_head_dim), self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = self._rotary(query, key, cos, sin)
         if past_key_values is not None:
@@ -83,7 +91,7 @@ class _ValueSlimLlamaAttention:
             sliding_window=getattr(self, "sliding_window", getattr(self.config, "sliding_window", None)),
             **kwargs,
         )
-        return self.o_proj(output.reshape(*tokens, -1).contiguous()), weights
+        return self.o_proj(output[..., : self.v_head_dim].reshape(*tokens, -1)), weights
 
 
 class LlamaFaspAttention(_ValueSlimLlamaAttention, modeling_llama.LlamaAttention):
@@ -113,7 +121,8 @@ class OPTFaspAttention(modeling_opt.OPTAttention):
         batch, length, _ = hidden_states.shape
         query = (self.q_proj(hidden_states) * self.scaling).view(batch, length, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(batch, length, -1, self.v_head_dim).transpose(1, 2)
+        value = pad_values(self.v_proj(hidden_states).view(batch, length, -1, self.v_head_dim), self.head_dim)
+        value = value.transpose(1, 2)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -122,7 +131,7 @@ class OPTFaspAttention(modeling_opt.OPTAttention):
         output, weights = attend(
             self, query, key, value, attention_mask, dropout=self.dropout if self.training else 0.0, scaling=1.0, **kwargs
         )
-        return self.out_proj(output.reshape(batch, length, -1).contiguous()), weights
+        return self.out_proj(output[..., : self.v_head_dim].reshape(batch, length, -1)), weights
 
 
 #: Stock attention class → its value-slimmed subclass.

@@ -47,7 +47,7 @@ def test_builds_every_block_at_its_recorded_width_and_reloads(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_eager_and_sdpa_attention_agree_and_the_kv_cache_works(family):
+def test_eager_and_sdpa_attention_agree_and_kv_caches_work(family):
     torch.manual_seed(0)
     sdpa = AutoModelForCausalLM.from_config(fasp_config(family), attn_implementation="sdpa").eval()
     eager = AutoModelForCausalLM.from_config(fasp_config(family), attn_implementation="eager").eval()
@@ -60,6 +60,8 @@ def test_eager_and_sdpa_attention_agree_and_the_kv_cache_works(family):
         step = sdpa(input_ids=ids[:, 8:], past_key_values=cached.past_key_values, use_cache=True).logits
     torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
     assert sdpa.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 12)
+    static = sdpa.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, sdpa.generate(ids, max_new_tokens=3, do_sample=False))
 
 
 def test_bad_widths_are_refused():
