@@ -128,9 +128,8 @@ class OPTFaspAttention(modeling_opt.OPTAttention):
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, modeling_opt.eager_attention_forward
         )
-        output, weights = attend(
-            self, query, key, value, attention_mask, dropout=self.dropout if self.training else 0.0, scaling=1.0, **kwargs
-        )
+        dropout = self.dropout if self.training else 0.0
+        output, weights = attend(self, query, key, value, attention_mask, dropout=dropout, scaling=1.0, **kwargs)
         return self.out_proj(output[..., : self.v_head_dim].reshape(batch, length, -1)), weights
 
 
@@ -144,7 +143,8 @@ SLIM_ATTENTION = {
 
 
 class LlamaFaspConfig(LlamaConfig):
-    """:class:`~transformers.LlamaConfig` plus ``fasp_widths``: ``{group name: [width per block]}`` (module docstring)."""
+    """:class:`~transformers.LlamaConfig` plus ``fasp_widths``: ``{group name: [width per block]}`` (see the module
+    docstring)."""
 
     model_type = "llama_fasp"
     fasp_widths: dict | None = None

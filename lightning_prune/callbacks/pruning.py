@@ -116,7 +116,7 @@ class PruningCallback(Callback):
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """JSON-ready record of the pruning: the arguments, ``summary`` (totals) and ``layers`` (per-step statistics)."""
+        """JSON-ready record of the pruning: its arguments, ``summary`` (totals), ``layers`` (per-step statistics)."""
         raise NotImplementedError
 
     def prune_model(self, model: torch.nn.Module, batches: Iterable[Any], progress: StepProgress) -> dict[str, Any]:
@@ -453,7 +453,8 @@ class OneShotPruningCallback(PruningCallback):
         """Prune with :func:`~lightning_prune.oneshot`; record each layer's mask and statistics."""
 
         def layer_done(name: str, block_index: int, n_blocks: int, result: PruneResult) -> None:
-            progress(name, block_index, n_blocks, {key: result.stats[key] for key in ("rel_error", "sparsity", "seconds")})
+            metrics = {key: result.stats[key] for key in ("rel_error", "sparsity", "seconds")}
+            progress(name, block_index, n_blocks, metrics)
 
         reports = oneshot(
             model,
@@ -487,7 +488,10 @@ class OneShotPruningCallback(PruningCallback):
         )
         rows = [
             ("layers", f"{summary['layers']} in {summary['blocks']} blocks"),
-            ("achieved sparsity", f"{100 * summary['sparsity']:.2f} % ({summary['removed']:,} of {summary['weights']:,})"),
+            (
+                "achieved sparsity",
+                f"{100 * summary['sparsity']:.2f} % ({summary['removed']:,} of {summary['weights']:,})",
+            ),
         ]
         if summary["mean_rel_error"] is not None:
             rows.append(

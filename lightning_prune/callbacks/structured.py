@@ -19,11 +19,12 @@ class FASPPruningCallback(PruningCallback):
 
     Each decoder block loses the lowest-scoring value channels (every KV head the same number) with the matching
     input columns of the attention output projection, and the lowest-scoring MLP channels with the matching columns
-    of the down projection; the later layers are refit by least squares (:func:`lightning_prune.structured.fasp_prune`).
-    The model becomes physically smaller: after a prune-only fit, :class:`~lightning_prune.callbacks.ExportPrunedModelCallback`
-    saves a directory that reloads with ``AutoModelForCausalLM.from_pretrained`` (after ``import lightning_prune``
-    when the value widths shrank, see :mod:`lightning_prune.slim_models`). When, where from and how visibly it
-    prunes is :class:`PruningCallback`'s plumbing. Loggers receive ``prune/<group>/rel_error``,
+    of the down projection; the later layers are refit by least squares
+    (:func:`lightning_prune.structured.fasp_prune`). The model becomes physically smaller: after a prune-only fit,
+    :class:`~lightning_prune.callbacks.ExportPrunedModelCallback` saves a directory that reloads with
+    ``AutoModelForCausalLM.from_pretrained`` (after ``import lightning_prune`` when the value widths shrank, see
+    :mod:`lightning_prune.slim_models`). When, where from and how visibly it prunes is :class:`PruningCallback`'s
+    plumbing. Loggers receive ``prune/<group>/rel_error``,
     ``prune/<group>/rel_error_before``, ``prune/<group>/ratio`` and ``prune/<group>/seconds`` per coupled group
     (``model.layers.3.mlp``) and the totals ``prune/mean_rel_error``, ``prune/removed_fraction``,
     ``prune/parameters_after``, ``prune/seconds``, ``prune/calibration_seconds``.
