@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-import lightning_prune  # noqa: F401  (registers the *_fasp model types)
+import lightning_prune  # registers the *_fasp model types
 from lightning_prune.architectures import attention_heads, find_blocks, value_units
 from lightning_prune.sequential import calibration_mode, capture_block_inputs, collect_grams, propagate
 from lightning_prune.solvers import fasp
@@ -284,3 +284,11 @@ def test_replayed_groups_feed_the_next_block_as_the_real_pruned_block_does(famil
     got = report.groups[f"{path}.1.attention"]
     assert torch.equal(got.kept_units, expected.kept_units)
     assert got.stats["rel_error"] == pytest.approx(expected.stats["rel_error"], rel=1e-4)
+
+
+def test_a_slimmed_model_can_be_pruned_further_unstructured(tiny_model, calibration_batches):
+    model = tiny_model("llama")
+    fasp_prune(model, calibration_batches(), 0.25)
+    reports = lightning_prune.oneshot(model, calibration_batches(), method="wanda", sparsity=0.5)
+    assert reports["model.layers.1.self_attn.o_proj"].mask.shape == (32, 24)
+    assert torch.isfinite(logits(model)).all()
