@@ -49,7 +49,7 @@ def run(steps: int, seq_len: int, batch_size: int, calibration: int, eval_window
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=steps, precision=precision, limit_val_batches=eval_batches,
         val_check_interval=steps, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, callbacks=[pruning, mask],
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import lightning_prune  # noqa: F401  (registers the *_fasp model types)
 from lightning_prune.callbacks import ExportPrunedModelCallback, FASPPruningCallback
-from lightning_prune.cli import main
+from lightning_prune.cli import run
 from lightning_prune.data import TextDataModule
 from lightning_prune.export import load_sparsity_metadata
 from lightning_prune.module import CausalLMModule
@@ -110,7 +110,7 @@ def test_the_recipe_runs_on_a_tiny_model(tmp_path, model_dir, datamodule, monkey
     train, val = tmp_path / "train.txt", tmp_path / "val.txt"  # written by the datamodule fixture
     small = tmp_path / "small.yaml"
     small.write_text("data:\n  seq_len: 16\n  batch_size: 4\n  calibration_samples: 8\n")
-    main([
+    run([
         "fit", "--config", RECIPE, "--config", str(small), "--model.model_name_or_path", model_dir,
         "--data.train_files", str(train), "--data.val_files", str(val), "--data.cache_dir", str(tmp_path / "cache"),
     ])
