@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 import platform
 from pathlib import Path
@@ -68,3 +70,10 @@ def format_summary(targets: list[dict[str, Any]]) -> str:
     """One line per target: ``MET`` / ``MISSED`` / ``N/A`` (not measured), the target and the measured numbers."""
     verdict = {True: "MET   ", False: "MISSED", None: "N/A   "}
     return "\n".join(f"{verdict[t['met']]} {t['target']}: {t['actual']}" for t in targets)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write a benchmark's JSON report to ``path`` (parents created) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)

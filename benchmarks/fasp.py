@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from lightning_prune.embedded import bible_splits, perplexity, smollm2_dir, toke
 from lightning_prune.solvers import fasp
 from lightning_prune.structured import fasp_prune
 
-from .common import RESULTS_DIR, environment, format_summary, ratio
+from .common import RESULTS_DIR, environment, format_summary, ratio, write_report
 
 DEFAULT_OUTPUT = RESULTS_DIR / "fasp.json"
 VARIANTS = {  # name -> fasp_prune options
@@ -295,9 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speed": speeds,
         "targets": targets,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
     return report
 
 

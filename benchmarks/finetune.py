@@ -18,7 +18,6 @@ Results go to ``benchmarks/results/finetune.json`` (``--output``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 
-from benchmarks.common import RESULTS_DIR, environment, format_summary
+from .common import RESULTS_DIR, environment, format_summary, write_report
 from lightning_prune.callbacks import ALPSPruningCallback, SparsityMaskCallback
 from lightning_prune.data import TextDataModule
 from lightning_prune.module import CausalLMModule
@@ -110,12 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "actual": f"{result['perplexity_pruned']:.3f} -> {result['perplexity_finetuned']:.3f}",
     }]
     print(format_summary(targets))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     record = {"settings": settings | {"sparsity": args.sparsity, "learning_rate": args.learning_rate,
                                       "precision": args.precision}, "environment": environment(),
               "result": result, "targets": targets}
-    args.output.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_report(args.output, record)
     return record
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from .common import (
     parse_pattern,
     ratio,
     warm_up,
+    write_report,
 )
 
 DEFAULT_OUTPUT = RESULTS_DIR / "layer_solvers.json"
@@ -277,9 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": rows,
         "targets": targets,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}", flush=True)
+    write_report(args.output, report)
     return report
 
 

@@ -53,6 +53,7 @@ from .common import (
     parse_pattern,
     ratio,
     warm_up,
+    write_report,
 )
 
 DEFAULT_OUTPUT = RESULTS_DIR / "prune_model.json"
@@ -329,9 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": rows,
         "targets": targets,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}", flush=True)
+    write_report(args.output, report)
     return report
 
 
