@@ -30,7 +30,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.pytorch_utils import Conv1D
+
+from .architectures import PRUNABLE_TYPES
 
 #: Name of the metadata file written next to the weights.
 SPARSITY_FILE = "sparsity.json"
@@ -38,15 +39,10 @@ SPARSITY_FILE = "sparsity.json"
 #: Version of the ``sparsity.json`` layout written by :func:`save_pruned`.
 FORMAT_VERSION = 1
 
-#: Linear layer types whose weights are measured and masked: ``nn.Linear`` (weight ``[out, in]``) and GPT-2's
-#: ``Conv1D`` (weight stored ``[in, out]``). Shapes and masks below are in the stored layout.
-LINEAR_TYPES = (nn.Linear, Conv1D)
-
-
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of the :data:`LINEAR_TYPES` modules of ``model`` except the output embedding (LM head), in order."""
+    """Names of the ``nn.Linear`` / ``Conv1D`` modules of ``model`` except the output embedding (LM head), in order."""
     head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    return [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES) and module is not head]
+    return [name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES) and module is not head]
 
 
 def masks_from_model(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
@@ -54,7 +50,7 @@ def masks_from_model(model: nn.Module, names: Iterable[str] | None = None) -> di
 
     Args:
         model: the (pruned) model.
-        names: module names of :data:`LINEAR_TYPES` layers (as in ``model.named_modules()``); ``None`` (default)
+        names: module names of ``nn.Linear`` / ``Conv1D`` layers (as in ``model.named_modules()``); ``None`` (default)
             means :func:`linear_layer_names`.
 
     Raises:
@@ -64,7 +60,7 @@ def masks_from_model(model: nn.Module, names: Iterable[str] | None = None) -> di
     names = linear_layer_names(model) if names is None else list(names)
     masks = {}
     for name in names:
-        if not isinstance(modules.get(name), LINEAR_TYPES):
+        if not isinstance(modules.get(name), PRUNABLE_TYPES):
             raise ValueError(f"names must be module names of nn.Linear / Conv1D layers of the model, got {name!r}")
         masks[name] = modules[name].weight.detach() != 0
     return masks
