@@ -63,6 +63,11 @@ def pad_values(value: torch.Tensor, head_dim: int) -> torch.Tensor:
     return value if width == head_dim else nn.functional.pad(value, (0, head_dim - width))
 
 
+def _cache_argument(cache, past_key_values):
+    """The key/value cache a decoder layer passed: ``cache`` (transformers >= 5.24) or ``past_key_values`` (before)."""
+    return cache if cache is not None else past_key_values
+
+
 class _ValueSlimLlamaAttention:
     """LLaMA-style attention whose values split into heads of ``self.v_head_dim`` channels (instance attribute)."""
 
@@ -70,15 +75,16 @@ class _ValueSlimLlamaAttention:
     _rotary = staticmethod(modeling_llama.apply_rotary_pos_emb)
     _eager = staticmethod(modeling_llama.eager_attention_forward)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, cache=None, **kwargs):
+        cache = _cache_argument(cache, past_key_values)
         tokens = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*tokens, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(*tokens, -1, self.head_dim).transpose(1, 2)
         value = pad_values(self.v_proj(hidden_states).view(*tokens, -1, self.v_head_dim), self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = self._rotary(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
         output, weights = attend(
             self,
@@ -117,14 +123,17 @@ class OPTFaspAttention(modeling_opt.OPTAttention):
 
     v_head_dim: int
 
-    def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+    def forward(
+        self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, cache=None, **kwargs
+    ):
+        cache = _cache_argument(cache, past_key_values)
         batch, length, _ = hidden_states.shape
         query = (self.q_proj(hidden_states) * self.scaling).view(batch, length, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
         value = pad_values(self.v_proj(hidden_states).view(batch, length, -1, self.v_head_dim), self.head_dim)
         value = value.transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, modeling_opt.eager_attention_forward
         )

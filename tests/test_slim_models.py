@@ -57,7 +57,8 @@ def test_eager_and_sdpa_attention_agree_and_kv_caches_work(family):
         full = sdpa(input_ids=ids).logits
         torch.testing.assert_close(eager(input_ids=ids).logits, full, rtol=1e-5, atol=1e-5)
         cached = sdpa(input_ids=ids[:, :8], use_cache=True)
-        step = sdpa(input_ids=ids[:, 8:], past_key_values=cached.past_key_values, use_cache=True).logits
+        cache = getattr(cached, "cache", None) or cached.past_key_values  # transformers >= 5.24 names it "cache"
+        step = sdpa(input_ids=ids[:, 8:], past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
     assert sdpa.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 12)
     static = sdpa.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
