@@ -109,6 +109,7 @@ def save_pruned(
     tokenizer: PreTrainedTokenizerBase | str | None = None,
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save ``model`` (safetensors), ``tokenizer`` and ``sparsity.json`` to ``directory``, all or nothing.
 
@@ -124,6 +125,8 @@ def save_pruned(
         metadata: JSON-serializable dict recorded as ``sparsity.json["metadata"]`` (tensors and numpy values are
             converted to lists / numbers); ``None`` (default) records ``{}``.
         overwrite: replace an existing ``directory`` (default ``False``).
+        state_dict: the weights to save instead of the model's own (e.g. gathered from ZeRO-3 partitions with
+            :func:`lightning_prune.zero.full_state_dict`); default None: ``model.state_dict()``.
 
     Returns:
         The path of the saved directory.
@@ -147,7 +150,7 @@ def save_pruned(
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=None if state_dict is None else dict(state_dict))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         record = {

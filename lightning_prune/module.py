@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from typing_extensions import override
 
 from .embedded import resolve_embedded
+from .zero import outside_zero_init
 
 #: Accepted ``dtype`` values: a torch floating dtype name, or ``"auto"`` (the dtype stored in the checkpoint).
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -104,9 +105,9 @@ class CausalLMModule(LightningModule):
             export can save it alongside.
 
     Note:
-        Under DeepSpeed ZeRO stage 3, :meth:`configure_model` runs inside the strategy's sharded-init context;
-        loading pretrained weights there with ``from_pretrained`` is a matter for the distributed integration and
-        is not covered by this class's tests.
+        Under DeepSpeed ZeRO stage 3, :meth:`configure_model` runs inside the strategy's ``deepspeed.zero.Init``
+        context; the model is loaded whole outside it (each process holds a full copy in host memory while loading)
+        and the DeepSpeed engine partitions it when it wraps the module.
     """
 
     def __init__(
@@ -154,7 +155,8 @@ class CausalLMModule(LightningModule):
         if self.model is not None:
             return
         dtype = self.hparams.dtype if self.hparams.dtype == "auto" else getattr(torch, self.hparams.dtype)
-        model = AutoModelForCausalLM.from_pretrained(self._model_path, dtype=dtype)
+        with outside_zero_init():  # the DeepSpeed engine partitions the loaded model itself
+            model = AutoModelForCausalLM.from_pretrained(self._model_path, dtype=dtype)
         self.model = model.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as found
 
     @override

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .architectures import check_patterns, matches
+from .parallel import Processes
 from .progress import PruningProgress, fingerprint
 from .sequential import LayerReport, Progress, prune_model
 from .solvers import SOLVERS
@@ -42,8 +43,10 @@ def oneshot(
     sequential_targets: Sequence[Sequence[str]] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     offload: str | None = "cpu",
+    gram_dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
     resume_dir: str | os.PathLike | None = None,
+    distributed: bool = False,
 ) -> dict[str, LayerReport]:
     """Prune ``model``'s decoder linear layers in place, block by block (pruned outputs feed the next block).
 
@@ -66,10 +69,19 @@ def oneshot(
         sequential_targets: the groups for ``true_sequential`` (default: the model family's).
         solver_options: keyword options of the solver (e.g. ``{"rho0": 0.1, "cg_iter": 10}`` for ALPS).
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory; None keeps them on the device.
+        gram_dtype: ``torch.float32`` (default) or ``torch.float64`` accumulation of the grams; float64 makes the
+            result independent of how the calibration tokens are split (over batches or processes) up to rounding
+            far below the solvers' own.
         progress: called after each layer as ``progress(name, block_index, n_blocks, result)``.
         resume_dir: a directory where each finished block is saved (:mod:`lightning_prune.progress`). A rerun with
             the same arguments and calibration data skips the saved blocks and ends with the same weights as an
-            uninterrupted run; other settings raise a ``ValueError``. Default None: nothing saved.
+            uninterrupted run; other settings raise a ``ValueError``. Default None: nothing saved. With
+            ``distributed``, rank 0 reads and writes it (a directory on rank 0's file system) and the others receive
+            the finished blocks from it.
+        distributed: prune together with the other processes of the default ``torch.distributed`` group, every
+            process calling this function with the same batches (see
+            :func:`~lightning_prune.sequential.prune_model`; needed for DeepSpeed ZeRO-3 with several processes).
+            Default False.
 
     Returns:
         ``{layer name: LayerReport}`` (mask, solver stats, tokens), in pruning order.
@@ -84,6 +96,8 @@ def oneshot(
     )
     if nm is None and sparsity is None:
         raise ValueError("sparsity is required for unstructured pruning (mask_structure='0:0')")
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be True or False, got {distributed!r}")
 
     def solve(name: str, weight: torch.Tensor, gram: torch.Tensor, tokens: int):
         layer_sparsity = None if nm is not None else _layer_sparsity(name, sparsity, overrides)
@@ -95,11 +109,17 @@ def oneshot(
         settings = {
             "method": method, "sparsity": sparsity, "mask_structure": mask_structure, "targets": targets,
             "ignore": ignore, "sparsity_overrides": dict(sparsity_overrides or {}), "true_sequential": true_sequential,
-            "sequential_targets": sequential_targets, "solver_options": options, "calibration": fingerprint(batches),
+            "sequential_targets": sequential_targets, "solver_options": options, "gram_dtype": str(gram_dtype), "calibration": fingerprint(batches),
             "model": _model_identity(model),
         }
-        saved = PruningProgress(resume_dir, settings)
-        finished, on_block_end = saved.finished_blocks(), saved.save_block
+        saved: list[PruningProgress] = []  # rank 0's (or the only process's) progress directory
+
+        def load() -> dict:
+            saved.append(PruningProgress(resume_dir, settings))
+            return saved[0].finished_blocks()
+
+        finished = Processes.current().from_rank0(load, f"reading resume_dir={str(resume_dir)!r}") if distributed else load()
+        on_block_end = saved[0].save_block if saved else None
 
     return prune_model(
         model,
@@ -110,9 +130,11 @@ def oneshot(
         true_sequential=true_sequential,
         sequential_targets=sequential_targets,
         offload=offload,
+        gram_dtype=gram_dtype,
         progress=progress,
         finished=finished,
         on_block_end=on_block_end,
+        distributed=distributed,
     )
 
 

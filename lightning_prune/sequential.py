@@ -47,13 +47,16 @@ from .architectures import (
     default_sequential_targets,
     find_blocks,
     in_features,
+    out_in_view,
     prunable_layers,
     sequential_groups,
     set_weight,
     weight_view,
 )
 from .gram import GRAM_DTYPES, GramAccumulator
+from .parallel import Processes
 from .solvers.result import PruneResult
+from .zero import gathered, is_partitioned, write_master
 
 Solve = Callable[[str, torch.Tensor, torch.Tensor, int], PruneResult]
 """``solve(name, weight [out, in], gram [in, in], tokens) -> PruneResult``.
@@ -105,6 +108,7 @@ def prune_model(
     progress: Progress | None = None,
     finished: Mapping[int, Mapping[str, Mapping[str, Any]]] | None = None,
     on_block_end: BlockEnd | None = None,
+    distributed: bool = False,
 ) -> dict[str, LayerReport]:
     """Prune the linear layers of ``model``'s decoder blocks in place, block by block, from calibration data.
 
@@ -142,6 +146,18 @@ def prune_model(
             instead of being solved, and the blocks are run to rebuild the next block's inputs.
         on_block_end: optional callback, see :data:`BlockEnd`; called after each solved block (not for ``finished``
             ones) with the same record layout, e.g. to save progress.
+        distributed: prune together with the other processes of the default ``torch.distributed`` group (see
+            :mod:`lightning_prune.parallel`). Every process passes the same ``batches`` (their number a multiple of
+            the number of processes ``W``) and runs every ``W``-th one; grams and token counts are summed over
+            processes, each layer problem of a block is solved by one process and its result broadcast, so every
+            process ends with the same weights and masks, equal to one process pruning on all batches up to
+            float summation order. Default False.
+
+    Weights partitioned by DeepSpeed ZeRO stage 3 (a model wrapped by a DeepSpeed engine, e.g. under Lightning's
+    ``DeepSpeedStrategy(stage=3)``) are supported with every process calling this function: the engine gathers each
+    module's parameters as the calibration forward runs it, and a block's weights are gathered only to be read
+    before its solves and written after them (:mod:`lightning_prune.zero`), so memory returns to the partitioned
+    state between blocks.
 
     Returns:
         ``{full layer name: LayerReport}`` in pruning order.
@@ -151,6 +167,8 @@ def prune_model(
             calibration (no batch or no valid token), NaN/Inf activations (naming the layer), or a bad solver result.
             Everything is validated before the first weight changes; if anything raises later (including inside
             ``solve`` or ``progress``), every weight already written is restored bit for bit and the error re-raised.
+        DistributedPruningError: with ``distributed``, on every process when a solve failed on any of them,
+            naming the rank and its error (the weights are restored as for any error).
 
     The model's training flag and ``config.use_cache`` are restored on return; calibration runs in eval mode,
     under ``torch.no_grad()``, with ``use_cache=False``.
@@ -168,6 +186,10 @@ def prune_model(
     plan = _plan(model, path, blocks, targets, ignore, true_sequential, sequential_targets)
     last = max(index for index, groups in enumerate(plan) if groups)
 
+    processes = _processes(distributed)
+    if processes is not None:
+        batches = processes.share(list(batches))
+
     originals: list[tuple[nn.Module, torch.Tensor]] = []
     reports: dict[str, LayerReport] = {}
     with calibration_mode(model):
@@ -180,35 +202,112 @@ def prune_model(
                 record = (finished or {}).get(index)
                 if record is not None and set(record) != set(layers):
                     raise ValueError(f"finished block {index} records layers {sorted(record)}, expected {sorted(layers)}")
+                written = {}
                 for group in plan[index] if record is None else [layers]:
-                    grams = collect_grams(block, group, inputs, device, gram_dtype) if record is None else None
-                    for name, module in group.items():
-                        originals.append((module, module.weight.detach().to("cpu", copy=True)))
-                        if record is None:
-                            gram = grams.pop(name)
-                            result, tokens = _solve_layer(solve, name, module, gram), gram.tokens
-                        else:
-                            entry = record[name]
-                            result, tokens = PruneResult(entry["weight"], entry["mask"], entry["stats"]), entry["tokens"]
-                        set_weight(module, result.weight)
-                        mask = result.mask.detach().to("cpu")
-                        reports[name] = LayerReport(index, mask, dict(result.stats), tokens)
+                    current = read_weights(group)
+                    originals.extend((group[name], weight.to("cpu", copy=True)) for name, weight in current.items())
+                    if record is None:
+                        grams = collect_grams(block, group, inputs, device, gram_dtype)
+                        if processes is not None:
+                            for gram in grams.values():
+                                processes.sum_(gram.H)
+                                gram.tokens = processes.sum_int(gram.tokens)
+                        results = _solve_group(solve, current, grams, processes, index)
+                    else:
+                        results = {
+                            name: (PruneResult(entry["weight"], entry["mask"], entry["stats"]), entry["tokens"])
+                            for name, entry in record.items()
+                        }
+                    write_weights(group, {name: result.weight for name, (result, _) in results.items()})
+                    for name, (result, tokens) in results.items():
+                        written[name] = result.weight
+                        reports[name] = LayerReport(index, result.mask.detach().to("cpu"), dict(result.stats), tokens)
                         if progress is not None:
                             progress(name, index, len(blocks), result)
                 if record is None and on_block_end is not None:
-                    on_block_end(index, {name: _record(module, reports[name]) for name, module in layers.items()})
+                    on_block_end(index, {name: _record(written[name], reports[name]) for name in layers})
                 if index < last:
                     propagate(inputs, block, device, offload)
         except BaseException:
             for module, weight in reversed(originals):
-                module.weight.copy_(weight)
+                write_weights({"": module}, {"": weight})
             raise
     return reports
 
 
-def _record(module: nn.Module, report: LayerReport) -> dict[str, Any]:
-    weight = weight_view(module).detach().to("cpu", copy=True)
-    return {"weight": weight, "mask": report.mask, "stats": report.stats, "tokens": report.tokens}
+def _record(weight: torch.Tensor, report: LayerReport) -> dict[str, Any]:
+    return {"weight": weight.detach().to("cpu", copy=True), "mask": report.mask, "stats": report.stats,
+            "tokens": report.tokens}
+
+
+def read_weights(layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``{name: [out, in] weight}`` of ``layers``: views of ordinary weights, copies of ZeRO-3 partitioned ones.
+
+    With partitioned weights every process must call it with the same layers (it gathers them).
+    """
+    modules = list(layers.values())
+    with gathered([module.weight for module in modules]):
+        return {
+            name: weight_view(module).detach().clone() if is_partitioned(module.weight) else weight_view(module).detach()
+            for name, module in layers.items()
+        }
+
+
+def write_weights(layers: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy each ``weights[name]`` (``[out, in]``) into ``layers[name]``.
+
+    ZeRO-3 partitioned weights are written by rank 0 inside a gather (every process must call it with the same
+    layers and values) and into every process's fp32 master partition, so the next optimizer step keeps them.
+    """
+    modules = {name: layers[name] for name in weights}
+    partitioned = any(is_partitioned(module.weight) for module in modules.values())
+    bystander = partitioned and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
+    with gathered([module.weight for module in modules.values()], modifier_rank=0):
+        if not bystander:
+            for name, module in modules.items():
+                set_weight(module, weights[name])
+    for name, module in modules.items():
+        write_master(module.weight, out_in_view(module, weights[name]))
+
+
+def _solve_group(
+    solve: Solve,
+    weights: Mapping[str, torch.Tensor],
+    grams: Mapping[str, GramAccumulator],
+    processes: Processes | None,
+    block_index: int,
+) -> dict[str, tuple[PruneResult, int]]:
+    """``{name: (result, tokens)}`` for one group of independent layer problems.
+
+    With ``processes``, each process solves the layers :meth:`Processes.assign` gives it (cost ``out · in² + in³``),
+    the processes agree that every solve succeeded, and each result is broadcast from its owner.
+    """
+    if processes is None:
+        return {name: (_solve_layer(solve, name, weights[name], grams[name]), grams[name].tokens) for name in weights}
+    costs = {name: float(w.shape[0] * w.shape[1] ** 2 + w.shape[1] ** 3) for name, w in weights.items()}
+    owners = processes.assign(costs)
+    mine, error = {}, None
+    try:
+        for name in weights:
+            if owners[name] == processes.rank:
+                mine[name] = _solve_layer(solve, name, weights[name], grams[name])
+    except Exception as caught:  # re-raised on every process by agree()
+        error = caught
+    processes.agree(error, f"solving the layers of block {block_index}")
+    results = {}
+    for name, weight in weights.items():
+        owner, result = owners[name], mine.get(name)
+        new_weight = processes.broadcast_tensor(None if result is None else result.weight, weight, owner)
+        mask = processes.broadcast_tensor(None if result is None else result.mask, weight.bool(), owner)
+        stats = processes.broadcast_object(None if result is None else result.stats, owner)
+        results[name] = (PruneResult(new_weight, mask, stats), grams[name].tokens)
+    return results
+
+
+def _processes(distributed: bool) -> Processes | None:
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be True or False, got {distributed!r}")
+    return Processes.current() if distributed else None
 
 
 @contextmanager
@@ -467,11 +566,10 @@ def _gram_hook(name: str, gram: GramAccumulator, state: _BatchState) -> Callable
     return hook
 
 
-def _solve_layer(solve: Solve, name: str, module: nn.Module, gram: GramAccumulator) -> PruneResult:
-    """Call ``solve`` on one layer and check its result."""
+def _solve_layer(solve: Solve, name: str, weight: torch.Tensor, gram: GramAccumulator) -> PruneResult:
+    """Call ``solve`` on one layer (``weight``: its current ``[out, in]`` weight) and check its result."""
     if gram.tokens == 0:
         raise ValueError(f"layer {name} received no calibration token: the block's forward never calls it")
-    weight = weight_view(module).detach()
     result = solve(name, weight, gram.H, gram.tokens)
     if not isinstance(result, PruneResult):
         raise ValueError(f"solve must return a PruneResult for layer {name}, got {type(result).__name__}")

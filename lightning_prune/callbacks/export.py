@@ -12,11 +12,14 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from ..export import save_pruned
+from ..zero import any_partitioned, full_state_dict
 from .pruning import PruningCallback
 
 
 class ExportPrunedModelCallback(Callback):
     """Saves ``pl_module.model`` with :func:`~lightning_prune.export.save_pruned` at the end of the fit (rank zero).
+
+    Under DeepSpeed ZeRO stage 3 the weights are gathered one module at a time and written whole by rank zero.
 
     The directory reloads with ``AutoModelForCausalLM.from_pretrained``; it holds the tokenizer from
     ``pl_module.tokenizer_path`` when the module has one (:class:`~lightning_prune.module.CausalLMModule` does) and
@@ -70,20 +73,23 @@ class ExportPrunedModelCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
         model = getattr(pl_module, "model", None)
         if not isinstance(model, PreTrainedModel):
             raise ValueError(
                 f"{type(self).__name__} saves pl_module.model, a transformers PreTrainedModel; "
                 f"{type(pl_module).__name__}.model is {type(model).__name__}"
             )
+        # ZeRO-3 partitions are gathered module by module on every process, kept on rank zero only
+        state_dict = full_state_dict(model, keep=trainer.is_global_zero) if any_partitioned(model) else None
+        if not trainer.is_global_zero:
+            return
         path = save_pruned(
             model,
             self.dirpath,
             tokenizer=getattr(pl_module, "tokenizer_path", None),
             metadata=_pruning_metadata(trainer),
             overwrite=self.overwrite,
+            state_dict=state_dict,
         )
         rank_zero_info(f"Saved the pruned model to {path}")
 

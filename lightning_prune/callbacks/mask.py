@@ -13,6 +13,8 @@ from typing_extensions import override
 from ..architectures import PRUNABLE_TYPES, out_in_view
 from ..export import SPARSITY_FILE, load_sparsity_metadata
 from ..masks import pack_mask, unpack_mask
+from ..parallel import Processes
+from ..zero import count_local, full_shape, gathered, is_partitioned, local_slice, mask_local_, mask_local_grad_
 
 SOURCES = ("auto", "pruning", "metadata", "zeros")
 
@@ -64,7 +66,7 @@ class SparsityMaskCallback(Callback):
         self.metadata_dir = metadata_dir
         self.log_every_n_steps = log_every_n_steps
         self.masks: dict[str, torch.Tensor] = {}  # layer name -> bool [out, in] on the CPU
-        self._layers: dict[str, tuple[nn.Module, torch.Tensor]] = {}  # name -> (module, mask on its device)
+        self._layers: dict[str, _MaskedWeight | _MaskedShard] = {}
         self._last_logged_step = -1
 
     @override
@@ -78,9 +80,8 @@ class SparsityMaskCallback(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        for module, mask in self._layers.values():
-            if module.weight.grad is not None:
-                out_in_view(module, module.weight.grad).mul_(mask)
+        for layer in self._layers.values():
+            layer.zero_grad()
 
     @override
     def on_train_batch_end(
@@ -95,20 +96,19 @@ class SparsityMaskCallback(Callback):
                 logger.log_metrics(metrics, step=step)
 
     def measure(self) -> dict[str, float]:
-        """``mask/<layer>/sparsity`` (fraction of zero weights) per layer and ``mask/nonzero_pruned`` (total)."""
-        metrics: dict[str, float] = {}
-        nonzero_pruned = 0
-        for name, (module, mask) in self._layers.items():
-            weight = out_in_view(module, module.weight.detach())
-            metrics[f"mask/{name}/sparsity"] = float((weight == 0).float().mean())
-            nonzero_pruned += int(torch.count_nonzero(weight[~mask]))
-        metrics["mask/nonzero_pruned"] = float(nonzero_pruned)
+        """``mask/<layer>/sparsity`` (fraction of zero weights) per layer and ``mask/nonzero_pruned`` (total).
+
+        Under ZeRO-3 the counts of every process's partition are summed: every process must call it."""
+        counts = torch.tensor([layer.count() for layer in self._layers.values()], dtype=torch.float64).reshape(-1, 3)
+        if any(isinstance(layer, _MaskedShard) for layer in self._layers.values()):
+            Processes.current().sum_(counts)
+        metrics = {f"mask/{name}/sparsity": float(z / n) for name, (z, n, _) in zip(self._layers, counts.tolist())}
+        metrics["mask/nonzero_pruned"] = float(counts[:, 2].sum())
         return metrics
 
     def _apply_to_weights(self) -> None:
-        with torch.no_grad():
-            for module, mask in self._layers.values():
-                out_in_view(module, module.weight).mul_(mask)
+        for layer in self._layers.values():
+            layer.zero_weights()
 
     def _collect(self, trainer: Trainer, pl_module: LightningModule, root: nn.Module) -> dict[str, torch.Tensor]:
         if self.source in ("auto", "pruning"):
@@ -128,11 +128,8 @@ class SparsityMaskCallback(Callback):
                 )
             layers = load_sparsity_metadata(directory)["measured"]["layers"]
             return {name: _zeros_of(root.get_submodule(name)) for name, entry in layers.items() if entry["zeros"]}
-        masks = {
-            name: _zeros_of(module)
-            for name, module in root.named_modules()
-            if isinstance(module, PRUNABLE_TYPES) and bool((module.weight == 0).any())
-        }
+        kept = {name: _zeros_of(module) for name, module in root.named_modules() if isinstance(module, PRUNABLE_TYPES)}
+        masks = {name: mask for name, mask in kept.items() if not bool(mask.all())}
         if not masks:
             raise ValueError("source='zeros': no linear layer of the model has a zero weight")
         return masks
@@ -147,25 +144,69 @@ class SparsityMaskCallback(Callback):
         self._layers = {}
 
 
+class _MaskedWeight:
+    """A layer whose weight is whole on this process, and its mask (bool ``[out, in]``, True = kept)."""
+
+    def __init__(self, module: nn.Module, mask: torch.Tensor) -> None:
+        self.module = module
+        self.mask = mask.to(module.weight.device)
+
+    def zero_weights(self) -> None:
+        with torch.no_grad():
+            out_in_view(self.module, self.module.weight).mul_(self.mask)
+
+    def zero_grad(self) -> None:
+        grad = self.module.weight.grad
+        if grad is not None:
+            out_in_view(self.module, grad).mul_(self.mask)
+
+    def count(self) -> tuple[int, int, int]:
+        """``(zero weights, weights, nonzero pruned weights)``."""
+        weight = out_in_view(self.module, self.module.weight.detach())
+        return int((weight == 0).sum()), weight.numel(), int(torch.count_nonzero(weight[~self.mask]))
+
+
+class _MaskedShard:
+    """A layer whose weight is partitioned by ZeRO-3: this process's partition and the matching slice of the mask.
+
+    The model's shard, the fp32 master copy and the gradient partition are masked locally, without communication.
+    """
+
+    def __init__(self, module: nn.Module, mask: torch.Tensor) -> None:
+        self.weight = module.weight
+        self.mask = local_slice(self.weight, out_in_view(module, mask), fill=True).to(self.weight.ds_tensor.device)
+
+    def zero_weights(self) -> None:
+        mask_local_(self.weight, self.mask)
+
+    def zero_grad(self) -> None:
+        mask_local_grad_(self.weight, self.mask)
+
+    def count(self) -> tuple[int, int, int]:
+        return count_local(self.weight, self.mask)
+
+
 def _root(pl_module: LightningModule) -> nn.Module:
     model = getattr(pl_module, "model", None)
     return model if isinstance(model, nn.Module) else pl_module
 
 
 def _zeros_of(module: nn.Module) -> torch.Tensor:
-    return (out_in_view(module, module.weight.detach()) != 0).cpu()
+    """bool ``[out, in]`` on the CPU, True where the weight is nonzero (gathered under ZeRO-3: call on every process)."""
+    with gathered([module.weight]):
+        return (out_in_view(module, module.weight.detach()) != 0).cpu()
 
 
-def _bind(root: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, tuple[nn.Module, torch.Tensor]]:
-    """``{name: (module, mask on the module's device)}``, checking every name and shape."""
+def _bind(root: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, _MaskedWeight | _MaskedShard]:
+    """``{name: masked layer}``, checking every name and shape."""
     bound = {}
     for name, mask in masks.items():
         try:
             module = root.get_submodule(name)
         except AttributeError:
             raise ValueError(f"mask for layer {name!r}, which the model does not have") from None
-        shape = tuple(out_in_view(module, module.weight).shape)
+        shape = tuple(out_in_view(module, torch.empty(full_shape(module.weight), device="meta")).shape)
         if tuple(mask.shape) != shape:
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the layer's weight is {shape}")
-        bound[name] = (module, mask.to(module.weight.device))
+        bound[name] = (_MaskedShard if is_partitioned(module.weight) else _MaskedWeight)(module, mask)
     return bound

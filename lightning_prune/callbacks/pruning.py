@@ -33,6 +33,9 @@ from ..oneshot import UNSTRUCTURED, check_oneshot_arguments, oneshot
 from ..sequential import OFFLOAD_CHOICES
 from ..solvers import PruneResult
 
+#: Accepted ``gram_dtype`` values of :class:`OneShotPruningCallback`.
+GRAM_DTYPE_NAMES = ("float32", "float64")
+
 #: Prefix of every metric this callback sends to the trainer's loggers.
 METRIC_PREFIX = "prune"
 
@@ -78,13 +81,16 @@ class PruningCallback(Callback):
             calibration or validation data or an unsupported model, before any weight changes.
 
     Note:
-        The model must be whole on each process: FSDP, ModelParallel and DeepSpeed ZeRO stage 3 strategies are
-        refused. Under DDP every process prunes its replica from the same calibration batches, which requires a
-        datamodule with ``calibration_dataloader()`` (a train dataloader differs between ranks).
+        With several processes every process reads the same calibration batches, which requires a datamodule with
+        ``calibration_dataloader()`` (a train dataloader differs between ranks). FSDP and ModelParallel strategies
+        are refused, and DeepSpeed ZeRO stage 3 unless the subclass sets :attr:`supports_zero3`.
     """
 
     #: Keys of the summary logged as totals (``prune/<key>``) besides the perplexities.
     logged_totals: tuple[str, ...] = ("seconds", "calibration_seconds")
+
+    #: Whether :meth:`prune_model` handles weights partitioned by DeepSpeed ZeRO stage 3.
+    supports_zero3: bool = False
 
     def __init__(
         self,
@@ -119,10 +125,13 @@ class PruningCallback(Callback):
         """JSON-ready record of the pruning: its arguments, ``summary`` (totals), ``layers`` (per-step statistics)."""
         raise NotImplementedError
 
-    def prune_model(self, model: torch.nn.Module, batches: Iterable[Any], progress: StepProgress) -> dict[str, Any]:
+    def prune_model(
+        self, model: torch.nn.Module, batches: list[Any], progress: StepProgress, distributed: bool
+    ) -> dict[str, Any]:
         """Prune ``model`` in place from ``batches``; the policy of a subclass.
 
-        Call ``progress(name, block_index, n_blocks, metrics)`` after each step (``metrics``: plain numbers, logged
+        ``batches`` are the same on every process; ``distributed`` is True when the trainer runs several processes,
+        which must then end with the same model. Call ``progress(name, block_index, n_blocks, metrics)`` after each step (``metrics``: plain numbers, logged
         as ``prune/<name>/<metric>``; ``rel_error`` is shown on the bar), fill ``self._layers`` with the per-step
         statistics, and return the method's summary: plain values including ``solve_seconds``.
         """
@@ -170,12 +179,12 @@ class PruningCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or (
-            isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
-        ):
+        zero3 = isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or (zero3 and not self.supports_zero3):
             raise ValueError(
-                f"{type(self).__name__} needs whole (unsharded) weights on each process; the trainer's strategy "
-                f"{type(strategy).__name__} shards them"
+                f"{type(self).__name__} cannot prune weights sharded by the trainer's strategy "
+                f"{type(strategy).__name__}; supported: single process, DDP"
+                + (", DeepSpeed (all ZeRO stages)" if self.supports_zero3 else ", DeepSpeed ZeRO stages 1-2")
             )
 
     @override
@@ -186,7 +195,7 @@ class PruningCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._pruned:
-            with _on_device(pl_module, trainer.strategy.root_device):
+            with _on_device(pl_module, trainer.strategy.root_device, trainer.strategy):
                 self._prune(trainer, pl_module)
 
     @override
@@ -209,7 +218,7 @@ class PruningCallback(Callback):
             )
         device = pl_module.device
         loader = islice(self.calibration_batches(trainer, pl_module), self.num_calibration_batches)
-        batches = (move_data_to_device(batch, device) for batch in loader)
+        batches = [move_data_to_device(batch, device) for batch in loader]
         start = time.perf_counter()
         evaluation = self._evaluation_batches(trainer) if self.evaluate else None
         perplexity_before = None if evaluation is None else _perplexity(model, evaluation, device)
@@ -230,7 +239,7 @@ class PruningCallback(Callback):
                 bar.update()
 
             prune_start = time.perf_counter()
-            summary = self.prune_model(model, batches, progress)
+            summary = self.prune_model(model, batches, progress, trainer.world_size > 1)
             bar.update(max(bar.total - bar.n, 0))  # steps restored from a resume directory are not reported
             prune_seconds = time.perf_counter() - prune_start
 
@@ -344,6 +353,8 @@ class OneShotPruningCallback(PruningCallback):
         num_calibration_batches: use only the first that many calibration batches; None (default): all of them.
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory between blocks; None keeps them
             on the model's device.
+        gram_dtype: ``"float32"`` (default) or ``"float64"``: accumulation dtype of the layer grams (float64 makes
+            the result independent of how calibration tokens are split over batches and processes).
         evaluate: measure the token-weighted perplexity on the validation batches (the datamodule's
             ``val_dataloader()``, else the trainer's validation dataloader) before and after pruning; logged and
             printed in the summary (default False).
@@ -358,8 +369,12 @@ class OneShotPruningCallback(PruningCallback):
             calibration or validation data or an unsupported model, before any weight changes.
 
     Note:
-        As for every :class:`PruningCallback`, the model must be whole on each process (no FSDP, ModelParallel or
-        DeepSpeed ZeRO stage 3).
+        With several processes (DDP or DeepSpeed, ZeRO stage 3 included) the processes prune together
+        (:func:`~lightning_prune.oneshot` with ``distributed=True``): each runs its share of the calibration batches
+        (``num_calibration_batches`` must be a multiple of the number of processes), grams are summed over them,
+        each layer of a block is solved by one process and broadcast, and all end with the same weights and masks.
+        Under ZeRO-3 only one block's weights are gathered at a time (see :mod:`lightning_prune.zero`). FSDP and
+        ModelParallel strategies are refused.
 
     Note:
         :attr:`masks` is filled by the pruning itself; after resuming from a checkpoint it is empty (the pruned
@@ -367,6 +382,7 @@ class OneShotPruningCallback(PruningCallback):
     """
 
     logged_totals = ("mean_rel_error", "sparsity", "seconds", "calibration_seconds")
+    supports_zero3 = True
 
     def __init__(
         self,
@@ -381,6 +397,7 @@ class OneShotPruningCallback(PruningCallback):
         solver_options: dict[str, Any] | None = None,
         num_calibration_batches: int | None = None,
         offload: str | None = "cpu",  # a string, not a torch.device, so that YAML configs can set it
+        gram_dtype: str = "float32",  # a string, so that YAML configs can set it
         evaluate: bool = False,
         eval_batches: int | None = None,
         resume_dir: str | None = None,
@@ -399,6 +416,8 @@ class OneShotPruningCallback(PruningCallback):
                 raise ValueError(f"sequential_targets must be a list of pattern lists, got {sequential_targets!r}")
             for group in sequential_targets:
                 check_patterns(group, "sequential_targets")
+        if gram_dtype not in GRAM_DTYPE_NAMES:
+            raise ValueError(f"gram_dtype must be one of {GRAM_DTYPE_NAMES}, got {gram_dtype!r}")
         if resume_dir is not None and (not isinstance(resume_dir, str) or not resume_dir):
             raise ValueError(f"resume_dir must be None or a non-empty directory path, got {resume_dir!r}")
         self.method = method
@@ -410,6 +429,7 @@ class OneShotPruningCallback(PruningCallback):
         self.true_sequential = true_sequential
         self.sequential_targets = None if sequential_targets is None else [list(g) for g in sequential_targets]
         self.solver_options = options
+        self.gram_dtype = gram_dtype
         self.resume_dir = resume_dir
         self._masks: dict[str, torch.Tensor] = {}
 
@@ -431,6 +451,7 @@ class OneShotPruningCallback(PruningCallback):
             "true_sequential": self.true_sequential,
             "sequential_targets": self.sequential_targets,
             "solver_options": self.solver_options,
+            "gram_dtype": self.gram_dtype,
             "summary": self._summary,
             "layers": self._layers,
         }
@@ -449,7 +470,9 @@ class OneShotPruningCallback(PruningCallback):
         )
 
     @override
-    def prune_model(self, model: torch.nn.Module, batches: Iterable[Any], progress: StepProgress) -> dict[str, Any]:
+    def prune_model(
+        self, model: torch.nn.Module, batches: list[Any], progress: StepProgress, distributed: bool
+    ) -> dict[str, Any]:
         """Prune with :func:`~lightning_prune.oneshot`; record each layer's mask and statistics."""
 
         def layer_done(name: str, block_index: int, n_blocks: int, result: PruneResult) -> None:
@@ -469,8 +492,10 @@ class OneShotPruningCallback(PruningCallback):
             sequential_targets=self.sequential_targets,
             solver_options=self.solver_options,
             offload=self.offload,
+            gram_dtype=getattr(torch, self.gram_dtype),
             progress=layer_done,
             resume_dir=self.resume_dir,
+            distributed=distributed,
         )
         self._masks = {name: report.mask for name, report in reports.items()}
         self._layers = {
@@ -619,15 +644,17 @@ class MagnitudePruningCallback(OneShotPruningCallback):
 
 
 @contextmanager
-def _on_device(module: LightningModule, device: torch.device) -> Iterator[None]:
-    """Move ``module`` to ``device`` for the duration (if elsewhere), then back to where it was."""
+def _on_device(module: LightningModule, device: torch.device, strategy: Any) -> Iterator[None]:
+    """Move ``module`` to ``device`` for the duration (if elsewhere), then back to where it was.
+
+    Under DeepSpeed the engine keeps the (possibly partitioned) parameters where they are: nothing is moved."""
     original = module.device
-    if original != device:
+    if original != device and not isinstance(strategy, DeepSpeedStrategy):
         module.to(device)
     try:
         yield
     finally:
-        if original != device:
+        if original != device and not isinstance(strategy, DeepSpeedStrategy):
             module.to(original)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -132,8 +132,12 @@ class FASPPruningCallback(PruningCallback):
         return sum(1 for ratio in ratios.values() if ratio > 0)
 
     @override
-    def prune_model(self, model: torch.nn.Module, batches: Iterable[Any], progress: StepProgress) -> dict[str, Any]:
-        """Prune with :func:`~lightning_prune.structured.fasp_prune`; record each group's statistics."""
+    def prune_model(
+        self, model: torch.nn.Module, batches: list[Any], progress: StepProgress, distributed: bool
+    ) -> dict[str, Any]:
+        """Prune with :func:`~lightning_prune.structured.fasp_prune`; record each group's statistics.
+
+        ``distributed`` is always False: :meth:`setup` refuses several processes and DeepSpeed."""
 
         def group_done(name: str, block_index: int, n_blocks: int, result: Any) -> None:
             keys = ("rel_error", "rel_error_before", "ratio", "seconds")

@@ -1,0 +1,80 @@
+"""Single-process checks of the multi-process pieces: task assignment, batch shares, a one-process group, the CPU
+DeepSpeed strategy's registration and which pruning callbacks accept ZeRO-3 (the 2-process runs are in test_zero3.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Trainer
+
+from lightning_prune import oneshot
+from lightning_prune.callbacks import FASPPruningCallback, SparseGPTPruningCallback
+from lightning_prune.parallel import DistributedPruningError, Processes
+from lightning_prune.strategies import REGISTERED_NAME, DeepSpeedCPUStrategy
+
+
+def test_assign_gives_each_task_to_the_least_loaded_process_largest_first():
+    owners = Processes(rank=0, world_size=2).assign({"a": 5.0, "b": 4.0, "c": 3.0, "d": 2.0, "e": 1.0})
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 0}  # loads 8 and 7
+    assert Processes(rank=0, world_size=3).assign({"x": 1.0, "y": 1.0}) == {"x": 0, "y": 1}
+
+
+def test_share_takes_every_world_size_th_batch_and_refuses_uneven_splits():
+    assert Processes(rank=1, world_size=2).share([0, 1, 2, 3]) == [1, 3]
+    assert Processes(rank=0, world_size=2).share([0, 1, 2, 3]) == [0, 2]
+    for batches in ([0, 1, 2], []):
+        with pytest.raises(ValueError, match="multiple of 2 .num_calibration_batches"):
+            Processes(rank=0, world_size=2).share(batches)
+
+
+def test_distributed_needs_an_initialized_process_group(tiny_model, calibration_batches):
+    assert not dist.is_initialized()
+    model = tiny_model("llama")
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="torch.distributed"):
+        oneshot(model, calibration_batches(), "wanda", 0.5, distributed=True)
+    with pytest.raises(ValueError, match="distributed must be True or False"):
+        oneshot(model, calibration_batches(), "wanda", 0.5, distributed="yes")
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_process_group_prunes_like_no_group_and_agrees_on_errors(
+    one_process_group, tiny_model, calibration_batches, tmp_path
+):
+    alone, grouped = tiny_model("llama"), tiny_model("llama")
+    expected = oneshot(alone, calibration_batches(), "alps", 0.6)
+    reports = oneshot(grouped, calibration_batches(), "alps", 0.6, distributed=True, resume_dir=str(tmp_path / "p"))
+    assert list(reports) == list(expected)
+    for name, report in reports.items():
+        assert torch.equal(report.mask, expected[name].mask) and report.tokens == expected[name].tokens
+    for name, value in alone.state_dict().items():
+        assert torch.equal(grouped.state_dict()[name], value), name
+    assert sorted(path.name for path in (tmp_path / "p").iterdir())[:2] == ["block_00000.pt", "block_00001.pt"]
+
+    processes = Processes.current()
+    with pytest.raises(DistributedPruningError, match="rank 0 failed while testing: ValueError: boom"):
+        processes.agree(ValueError("boom"), "testing")
+    with pytest.raises(DistributedPruningError, match="rank 0 failed while reading"):
+        processes.from_rank0(lambda: 1 / 0, "reading")
+    assert processes.from_rank0(lambda: {"a": 1}, "reading") == {"a": 1}
+
+
+def test_cpu_deepspeed_strategy_is_registered_and_one_shot_callbacks_accept_zero3():
+    trainer = Trainer(strategy=REGISTERED_NAME, accelerator="cpu", devices=1, logger=False)
+    assert type(trainer.strategy) is DeepSpeedCPUStrategy and trainer.strategy.zero_stage_3
+    SparseGPTPruningCallback(sparsity=0.5).setup(trainer, None, "fit")
+    with pytest.raises(ValueError, match="cannot prune weights sharded by .* DeepSpeedCPUStrategy"):
+        FASPPruningCallback(ratio=0.2).setup(trainer, None, "fit")
+
+
+def test_gram_dtype_is_checked_by_name():
+    with pytest.raises(ValueError, match="gram_dtype must be one of \\('float32', 'float64'\\)"):
+        SparseGPTPruningCallback(sparsity=0.5, gram_dtype="float16")
