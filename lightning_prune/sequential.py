@@ -23,8 +23,8 @@ Memory (peak, besides the model itself):
   live in CPU memory and each batch visits the block's device in turn;
 * the Gram matrices of the layers being solved, ``Σ in² × 4`` bytes (× 8 with ``gram_dtype=torch.float64``) on the
   layers' device: all selected layers of one block, or one true-sequential group;
-* in CPU memory, for rollback and the report: a copy of every pruned layer's original weight and its bool mask
-  (one byte per weight), kept until :func:`prune_model` returns.
+* in CPU memory, for rollback and the report: a copy of every pruned layer's original weight (under ZeRO-3: of
+  this process's partition only) and its bool mask (one byte per weight), kept until :func:`prune_model` returns.
 
 The model may be in any dtype and on any device (or spread over devices); the driver does not move the model.
 Decoder blocks may return a tensor (transformers 5 LLaMA) or a tuple whose first item is the hidden states.
@@ -56,7 +56,7 @@ from .architectures import (
 from .gram import GRAM_DTYPES, GramAccumulator
 from .parallel import Processes
 from .solvers.result import PruneResult
-from .zero import gathered, is_partitioned, write_master
+from .zero import gathered, is_partitioned, restore_local, save_local, write_master
 
 Solve = Callable[[str, torch.Tensor, torch.Tensor, int], PruneResult]
 """``solve(name, weight [out, in], gram [in, in], tokens) -> PruneResult``.
@@ -190,7 +190,7 @@ def prune_model(
     if processes is not None:
         batches = processes.share(list(batches))
 
-    originals: list[tuple[nn.Module, torch.Tensor]] = []
+    originals: list[tuple[nn.Module, Any]] = []
     reports: dict[str, LayerReport] = {}
     with calibration_mode(model):
         try:
@@ -204,8 +204,8 @@ def prune_model(
                     raise ValueError(f"finished block {index} records layers {sorted(record)}, expected {sorted(layers)}")
                 written = {}
                 for group in plan[index] if record is None else [layers]:
+                    originals.extend((module, _save(module)) for module in group.values())
                     current = read_weights(group)
-                    originals.extend((group[name], weight.to("cpu", copy=True)) for name, weight in current.items())
                     if record is None:
                         grams = collect_grams(block, group, inputs, device, gram_dtype)
                         if processes is not None:
@@ -229,8 +229,8 @@ def prune_model(
                 if index < last:
                     propagate(inputs, block, device, offload)
         except BaseException:
-            for module, weight in reversed(originals):
-                write_weights({"": module}, {"": weight})
+            for module, saved in reversed(originals):
+                _restore(module, saved)
             raise
     return reports
 
@@ -268,6 +268,21 @@ def write_weights(layers: Mapping[str, nn.Module], weights: Mapping[str, torch.T
                 set_weight(module, weights[name])
     for name, module in modules.items():
         write_master(module.weight, out_in_view(module, weights[name]))
+
+
+def _save(module: nn.Module) -> Any:
+    """What :func:`_restore` needs to undo changes to the layer's weight: a CPU copy of the weight, or of this
+    process's partitions under ZeRO-3 (so rolling back needs no communication)."""
+    if is_partitioned(module.weight):
+        return save_local(module.weight)
+    return weight_view(module).detach().to("cpu", copy=True)
+
+
+def _restore(module: nn.Module, saved: Any) -> None:
+    if is_partitioned(module.weight):
+        restore_local(module.weight, saved)
+    else:
+        set_weight(module, saved)
 
 
 def _solve_group(

@@ -106,6 +106,28 @@ def write_master(parameter: torch.Tensor, full: torch.Tensor) -> None:
         safe_set_local_fp32_param(parameter, local_slice(parameter, full).float())
 
 
+def save_local(parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CPU copies of this process's partition of a ZeRO-3 parameter and of its fp32 master partition (or None)."""
+    master = None
+    if getattr(parameter, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        local = safe_get_local_fp32_param(parameter)
+        master = None if local is None else local.detach().to("cpu", copy=True)
+    return parameter.ds_tensor.detach().to("cpu", copy=True), master
+
+
+def restore_local(parameter: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    """Put back what :func:`save_local` copied (no communication: each process restores its own partition)."""
+    shard, master = saved
+    with torch.no_grad():
+        parameter.ds_tensor.copy_(shard)
+    if master is not None:
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        safe_set_local_fp32_param(parameter, master)
+
+
 def mask_local_(parameter: torch.Tensor, local_mask: torch.Tensor) -> None:
     """Zero the pruned entries of this process's partition: the model's shard and the fp32 master copy.
 

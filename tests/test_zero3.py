@@ -33,16 +33,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(scenario: str, workdir: Path) -> subprocess.CompletedProcess:
+def _run_processes(arguments: list[str], cwd: Path | None = None) -> None:
+    """``python -m torch.distributed.run --nproc_per_node 2 *arguments`` on CPU; fails the test unless it exits 0."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lightning_prune" / "torch_extensions"))
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={PROCESSES}", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", str(WORKER), scenario, str(workdir),
+        f"--master_port={_free_port()}", *arguments,
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{scenario} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return done
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{arguments} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def _run(scenario: str, workdir: Path) -> None:
+    _run_processes([str(WORKER), scenario, str(workdir)])
 
 
 def _records(workdir: Path, name: str) -> list[dict]:
@@ -120,3 +124,26 @@ def test_a_solver_error_on_one_rank_stops_both_ranks_with_the_same_error(tmp_pat
     assert "injected failure" in records[0]["error"]
     assert all(record["unchanged"] for record in records)  # every written weight rolled back on every rank
     assert not (tmp_path / "export").exists()
+
+
+def test_zero3_recipe_runs_with_two_cpu_processes(tmp_path):
+    make_tiny_causal_lm(tmp_path / "model")
+    (tmp_path / "train.txt").write_text("\n".join(make_documents(40, 30, seed=1)) + "\n")
+    (tmp_path / "val.txt").write_text("\n".join(make_documents(10, 30, seed=2)) + "\n")
+    small = tmp_path / "small.yaml"
+    small.write_text(
+        "data:\n  seq_len: 16\n  batch_size: 2\n  calibration_samples: 8\n"
+        "trainer:\n  max_steps: 3\n  val_check_interval: 3\n  limit_val_batches: 2\n  precision: 32-true\n"
+        "  accelerator: cpu\n  devices: 2\n  strategy: deepspeed_cpu_stage_3\n"
+    )
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "deepspeed" / "alps-70-zero3.yaml"
+    arguments = [
+        "-m", "lightning_prune", "fit", "--config", str(recipe), "--config", str(small),
+        "--model.model_name_or_path", str(tmp_path / "model"), "--data.train_files", str(tmp_path / "train.txt"),
+        "--data.val_files", str(tmp_path / "val.txt"), "--data.cache_dir", str(tmp_path / "cache"),
+    ]
+    _run_processes(arguments, cwd=tmp_path)
+    record = json.loads((tmp_path / "pruned" / "smollm2-alps-70-zero3-finetuned" / "sparsity.json").read_text())
+    assert record["metadata"]["method"] == "alps" and record["metadata"]["sparsity"] == 0.7
+    assert record["metadata"]["summary"]["perplexity_after"] is not None
+    assert abs(record["measured"]["total"]["sparsity"] - 0.7) < 0.01  # the zeros survived the fine-tuning steps

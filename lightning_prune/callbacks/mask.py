@@ -52,6 +52,12 @@ class SparsityMaskCallback(Callback):
         log_every_n_steps: optimizer steps between sparsity logs (default 50; 0 disables logging).
 
     Note:
+        Under DeepSpeed ZeRO stage 3 each process masks only its own partitions, without communication: the
+        gradient partition before the optimizer step, the weight partition and the fp32 master partition after
+        each batch (:mod:`lightning_prune.zero`). :meth:`measure` then sums the counts over processes, so every
+        process must call it.
+
+    Note:
         Layers are addressed by name inside ``pl_module.model`` (the Hugging Face model of
         :class:`~lightning_prune.module.CausalLMModule`), or inside the LightningModule itself when it has no
         ``model`` attribute.
