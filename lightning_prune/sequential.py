@@ -295,7 +295,8 @@ def _solve_group(
     """``{name: (result, tokens)}`` for one group of independent layer problems.
 
     With ``processes``, each process solves the layers :meth:`Processes.assign` gives it (cost ``out · in² + in³``),
-    the processes agree that every solve succeeded, and each result is broadcast from its owner.
+    the processes agree that every solve succeeded, and each result is broadcast from its owner, its stats
+    extended with the owner's ``rank``.
     """
     if processes is None:
         return {name: (_solve_layer(solve, name, weights[name], grams[name]), grams[name].tokens) for name in weights}
@@ -314,7 +315,7 @@ def _solve_group(
         owner, result = owners[name], mine.get(name)
         new_weight = processes.broadcast_tensor(None if result is None else result.weight, weight, owner)
         mask = processes.broadcast_tensor(None if result is None else result.mask, weight.bool(), owner)
-        stats = processes.broadcast_object(None if result is None else result.stats, owner)
+        stats = processes.broadcast_object(None if result is None else {**result.stats, "rank": owner}, owner)
         results[name] = (PruneResult(new_weight, mask, stats), grams[name].tokens)
     return results
 

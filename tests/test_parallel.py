@@ -55,6 +55,7 @@ def test_one_process_group_prunes_like_no_group_and_agrees_on_errors(
     assert list(reports) == list(expected)
     for name, report in reports.items():
         assert torch.equal(report.mask, expected[name].mask) and report.tokens == expected[name].tokens
+        assert report.stats["rank"] == 0 and "rank" not in expected[name].stats
     for name, value in alone.state_dict().items():
         assert torch.equal(grouped.state_dict()[name], value), name
     assert sorted(path.name for path in (tmp_path / "p").iterdir())[:2] == ["block_00000.pt", "block_00001.pt"]
