@@ -23,7 +23,12 @@ class GramAccumulator:
         name: the layer's full name, used in error messages.
         in_features: input width ``in`` of the layer.
         device: where ``H`` lives (default CPU); inputs on another device are moved there.
-        dtype: accumulation dtype, ``torch.float32`` (default) or ``torch.float64``; inputs are cast to it.
+        dtype: accumulation dtype, ``torch.float32`` (default) or ``torch.float64``; inputs are cast to it. With
+            float64 each batch's contribution ``xᵀx`` is computed in float64, rounded to float32 precision and
+            added to ``H``: sums of such terms are exact in float64 (unless one entry's contributions differ by
+            more than ~2²⁹ in magnitude), so ``H`` does not depend on the order the batches are added in, nor on
+            how they are split over processes whose accumulators are then summed, and it has no accumulation
+            error beyond one float32 rounding per batch.
 
     Attributes:
         H: ``[in, in]`` running sum of ``xᵀx`` over valid tokens (zeros before the first batch).
@@ -73,5 +78,8 @@ class GramAccumulator:
         rows = rows.to(device=self.H.device, dtype=self.H.dtype)
         if not bool(torch.isfinite(rows).all()):
             raise ValueError(f"layer {self.name}: calibration activations at its input contain NaN or Inf")
-        self.H.addmm_(rows.T, rows)
+        if self.H.dtype == torch.float64:
+            self.H.add_((rows.T @ rows).float())  # order-independent sum: see ``dtype``
+        else:
+            self.H.addmm_(rows.T, rows)
         self.tokens += rows.shape[0]

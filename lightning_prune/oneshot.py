@@ -69,9 +69,9 @@ def oneshot(
         sequential_targets: the groups for ``true_sequential`` (default: the model family's).
         solver_options: keyword options of the solver (e.g. ``{"rho0": 0.1, "cg_iter": 10}`` for ALPS).
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory; None keeps them on the device.
-        gram_dtype: ``torch.float32`` (default) or ``torch.float64`` accumulation of the grams; float64 makes the
-            result independent of how the calibration tokens are split (over batches or processes) up to rounding
-            far below the solvers' own.
+        gram_dtype: ``torch.float32`` (default) or ``torch.float64`` accumulation of the grams. float64 sums each
+            batch's contribution exactly (see :class:`~lightning_prune.gram.GramAccumulator`): the grams, hence the
+            result, are the same whatever the number of processes with ``distributed``.
         progress: called after each layer as ``progress(name, block_index, n_blocks, result)``.
         resume_dir: a directory where each finished block is saved (:mod:`lightning_prune.progress`). A rerun with
             the same arguments and calibration data skips the saved blocks and ends with the same weights as an

@@ -70,3 +70,21 @@ def test_bad_batches(x, valid, argument):
     acc = GramAccumulator("layer", 2)
     with pytest.raises(ValueError, match=argument):
         acc.add(x, valid)
+
+
+def test_float64_grams_do_not_depend_on_batch_order_or_on_a_split_into_summed_accumulators():
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 48, generator=generator) * 10 ** torch.randn(1, 48, generator=generator) for _ in range(8)]
+    forward = GramAccumulator("layer", 48, dtype=torch.float64)
+    for x in batches:
+        forward.add(x)
+    backward = GramAccumulator("layer", 48, dtype=torch.float64)
+    for x in reversed(batches):
+        backward.add(x)
+    halves = [GramAccumulator("layer", 48, dtype=torch.float64) for _ in range(2)]
+    for index, x in enumerate(batches):
+        halves[index % 2].add(x)
+    assert torch.equal(forward.H, backward.H)
+    assert torch.equal(forward.H, halves[0].H + halves[1].H)
+    exact = sum(x.double().T @ x.double() for x in batches)
+    torch.testing.assert_close(forward.H, exact, rtol=1e-6, atol=1e-6 * float(exact.abs().max()))

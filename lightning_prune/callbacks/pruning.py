@@ -354,8 +354,8 @@ class OneShotPruningCallback(PruningCallback):
         num_calibration_batches: use only the first that many calibration batches; None (default): all of them.
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory between blocks; None keeps them
             on the model's device.
-        gram_dtype: ``"float32"`` (default) or ``"float64"``: accumulation dtype of the layer grams (float64 makes
-            the result independent of how calibration tokens are split over batches and processes).
+        gram_dtype: ``"float32"`` (default) or ``"float64"``: accumulation dtype of the layer grams; with float64
+            each batch's contribution is summed exactly, so the result does not depend on the number of processes.
         evaluate: measure the token-weighted perplexity on the validation batches (the datamodule's
             ``val_dataloader()``, else the trainer's validation dataloader) before and after pruning; logged and
             printed in the summary (default False).
