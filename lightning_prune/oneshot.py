@@ -109,8 +109,8 @@ def oneshot(
         settings = {
             "method": method, "sparsity": sparsity, "mask_structure": mask_structure, "targets": targets,
             "ignore": ignore, "sparsity_overrides": dict(sparsity_overrides or {}), "true_sequential": true_sequential,
-            "sequential_targets": sequential_targets, "solver_options": options, "gram_dtype": str(gram_dtype), "calibration": fingerprint(batches),
-            "model": _model_identity(model),
+            "sequential_targets": sequential_targets, "solver_options": options, "gram_dtype": str(gram_dtype),
+            "calibration": fingerprint(batches), "model": _model_identity(model),
         }
         saved: list[PruningProgress] = []  # rank 0's (or the only process's) progress directory
 
@@ -118,7 +118,10 @@ def oneshot(
             saved.append(PruningProgress(resume_dir, settings))
             return saved[0].finished_blocks()
 
-        finished = Processes.current().from_rank0(load, f"reading resume_dir={str(resume_dir)!r}") if distributed else load()
+        if distributed:
+            finished = Processes.current().from_rank0(load, f"reading resume_dir={str(resume_dir)!r}")
+        else:
+            finished = load()
         on_block_end = saved[0].save_block if saved else None
 
     return prune_model(

@@ -245,12 +245,12 @@ def read_weights(layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
 
     With partitioned weights every process must call it with the same layers (it gathers them).
     """
-    modules = list(layers.values())
-    with gathered([module.weight for module in modules]):
-        return {
-            name: weight_view(module).detach().clone() if is_partitioned(module.weight) else weight_view(module).detach()
-            for name, module in layers.items()
-        }
+    weights = {}
+    with gathered([module.weight for module in layers.values()]):
+        for name, module in layers.items():
+            view = weight_view(module).detach()
+            weights[name] = view.clone() if is_partitioned(module.weight) else view
+    return weights
 
 
 def write_weights(layers: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor]) -> None:

@@ -95,15 +95,20 @@ def local_slice(parameter: torch.Tensor, full: torch.Tensor, fill: float | bool 
 
 
 def write_master(parameter: torch.Tensor, full: torch.Tensor) -> None:
-    """Write ``full`` (the parameter's full shape) into this process's fp32 master partition, if the engine has one.
+    """Write ``full`` (the parameter's full shape) into this process's part of DeepSpeed's fp32 master copy, if any.
 
-    Call it on every process after changing a ZeRO-3 parameter's values in :func:`gathered`: the optimizer's next
-    step starts from the master copy, not from the model's weights.
+    Call it on every process after changing a parameter's values outside the optimizer: DeepSpeed's next step
+    starts from its fp32 master copy, not from the model's weights. ZeRO-3 parameters hold their master partition
+    in the ZeRO-3 optimizer; under ZeRO stages 1-2 (and DeepSpeed's bf16 optimizer) a parameter links its fragment
+    (``_hp_mapping``). Without a DeepSpeed optimizer this does nothing.
     """
-    if is_partitioned(parameter) and getattr(parameter, "_z3_optimizer", None) is not None:
-        from deepspeed.utils import safe_set_local_fp32_param
+    if is_partitioned(parameter):
+        if getattr(parameter, "_z3_optimizer", None) is not None:
+            from deepspeed.utils import safe_set_local_fp32_param
 
-        safe_set_local_fp32_param(parameter, local_slice(parameter, full).float())
+            safe_set_local_fp32_param(parameter, local_slice(parameter, full).float())
+    elif getattr(parameter, "_hp_mapping", None) is not None:
+        parameter.set_full_hp_param(full.to(parameter.device))
 
 
 def save_local(parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

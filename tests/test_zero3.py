@@ -114,6 +114,20 @@ def test_resuming_a_zero3_checkpoint_keeps_the_masks_and_never_prunes_again(work
         assert not torch.equal(weight, before[f"{name}.weight"]), f"{name} did not train after resuming"
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_pruned_weights_reach_deepspeeds_fp32_master_copy(stage, tmp_path):
+    make_tiny_causal_lm(tmp_path / "model")
+    (tmp_path / "train.txt").write_text("\n".join(make_documents(60, 40)))
+    _run_processes([str(WORKER), "keep", str(tmp_path), str(stage)])
+    record = torch.load(tmp_path / f"keep{stage}.pt", weights_only=False)
+    assert record["steps"] == 1
+    pruned_layers = [name for name in record["pruned"] if "layers" in name and name.endswith("proj.weight")]
+    assert len(pruned_layers) == 14
+    for name in pruned_layers:  # a step at lr 1e-12 from a master copy still holding the dense weights would undo them
+        torch.testing.assert_close(record["stepped"][name], record["pruned"][name], rtol=0, atol=1e-8)
+        assert float((record["pruned"][name] == 0).float().mean()) == zero3_worker.SPARSITY
+
+
 def test_a_solver_error_on_one_rank_stops_both_ranks_with_the_same_error(tmp_path):
     make_tiny_causal_lm(tmp_path / "model")
     (tmp_path / "train.txt").write_text("\n".join(make_documents(60, 40)))

@@ -10,6 +10,9 @@ Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/zero3_worker.p
 * ``resume``: continues the ``prune`` checkpoint to 30 steps; every rank writes ``resume_rank{r}.json``.
 * ``error``: the solver raises on rank 1; every rank writes ``error_rank{r}.json`` with the error it ended with and
   whether its weights equal the loaded model's.
+* ``keep STAGE``: under ZeRO stage STAGE (2 or 3), prune, then one optimizer step at a negligible learning rate;
+  rank 0 writes ``keep{STAGE}.pt``: the weights right after pruning and after the step (equal only if the pruned
+  weights reached DeepSpeed's fp32 master copy, which the step starts from).
 """
 
 from __future__ import annotations
@@ -50,17 +53,18 @@ class SnapshotAfterPruning(Callback):
             torch.save({"state": state, "masks": self.pruning.masks}, self.path)
 
 
-def _strategy() -> DeepSpeedCPUStrategy:
-    # thresholds 0: even the tiny test weights are partitioned
-    zero = dict(stage=3, stage3_param_persistence_threshold=0, stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
+def _strategy(stage: int) -> DeepSpeedCPUStrategy:
+    zero = {"stage": stage}
+    if stage == 3:  # thresholds 0: even the tiny test weights are partitioned
+        zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
     return DeepSpeedCPUStrategy(config={"zero_optimization": zero, "train_micro_batch_size_per_gpu": 2})
 
 
-def _trainer(max_steps: int, callbacks: list[Callback]) -> Trainer:
+def _trainer(max_steps: int, callbacks: list[Callback], stage: int = 3) -> Trainer:
     return Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=_strategy(),
+        strategy=_strategy(stage),
         max_steps=max_steps,
         callbacks=callbacks,
         logger=False,
@@ -71,8 +75,8 @@ def _trainer(max_steps: int, callbacks: list[Callback]) -> Trainer:
     )
 
 
-def _module(workdir: Path) -> CausalLMModule:
-    return CausalLMModule(str(workdir / "model"), learning_rate=1e-2, weight_decay=0.1)
+def _module(workdir: Path, learning_rate: float = 1e-2) -> CausalLMModule:
+    return CausalLMModule(str(workdir / "model"), learning_rate=learning_rate, weight_decay=0.1)
 
 
 def _write(path: Path, record: dict) -> None:
@@ -116,7 +120,8 @@ def error(workdir: Path) -> None:
 
     SOLVERS["alps"] = failing_on_rank1
     module = _module(workdir)
-    trainer = _trainer(5, [ALPSPruningCallback(sparsity=SPARSITY, gram_dtype=GRAM_DTYPE), ExportPrunedModelCallback(str(workdir / "export"))])
+    pruning = ALPSPruningCallback(sparsity=SPARSITY, gram_dtype=GRAM_DTYPE)
+    trainer = _trainer(5, [pruning, ExportPrunedModelCallback(str(workdir / "export"))])
     try:
         trainer.fit(module, datamodule=datamodule(workdir))
         message = None
@@ -129,6 +134,22 @@ def error(workdir: Path) -> None:
     _write(workdir / f"error_rank{trainer.global_rank}.json", {"error": message, "unchanged": unchanged})
 
 
+def keep(workdir: Path, stage: int) -> None:
+    pruning = ALPSPruningCallback(sparsity=SPARSITY, gram_dtype=GRAM_DTYPE)
+    snapshot = SnapshotAfterPruning(workdir / f"pruned{stage}.pt", pruning)
+    module = _module(workdir, learning_rate=1e-12)
+    trainer = _trainer(1, [pruning, snapshot], stage)
+    trainer.fit(module, datamodule=datamodule(workdir))
+    state = full_state_dict(module.model, keep=trainer.is_global_zero)
+    if trainer.is_global_zero:
+        pruned = torch.load(workdir / f"pruned{stage}.pt", weights_only=False)
+        record = {"pruned": pruned["state"], "stepped": state, "steps": trainer.global_step}
+        torch.save(record, workdir / f"keep{stage}.pt")
+
+
 if __name__ == "__main__":
     scenario, directory = sys.argv[1], Path(sys.argv[2])
-    {"prune": prune, "resume": resume, "error": error}[scenario](directory)
+    if scenario == "keep":
+        keep(directory, int(sys.argv[3]))
+    else:
+        {"prune": prune, "resume": resume, "error": error}[scenario](directory)

@@ -198,7 +198,7 @@ def _root(pl_module: LightningModule) -> nn.Module:
 
 
 def _zeros_of(module: nn.Module) -> torch.Tensor:
-    """bool ``[out, in]`` on the CPU, True where the weight is nonzero (gathered under ZeRO-3: call on every process)."""
+    """bool ``[out, in]`` on the CPU, True where the weight is nonzero (gathered under ZeRO-3: every process calls it)."""
     with gathered([module.weight]):
         return (out_in_view(module, module.weight.detach()) != 0).cpu()
 

@@ -131,10 +131,10 @@ class PruningCallback(Callback):
         """Prune ``model`` in place from ``batches``; the policy of a subclass.
 
         ``batches`` are the same on every process; ``distributed`` is True when the trainer runs several processes,
-        which must then end with the same model. Call ``progress(name, block_index, n_blocks, metrics)`` after each step (``metrics``: plain numbers, logged
-        as ``prune/<name>/<metric>``; ``rel_error`` is shown on the bar), fill ``self._layers`` with the per-step
-        statistics, and return the method's summary: plain values including ``solve_seconds`` (wall time spent in
-        the solvers; with several processes, the busiest one's).
+        which must then end with the same model. Call ``progress(name, block_index, n_blocks, metrics)`` after each
+        step (``metrics``: plain numbers, logged as ``prune/<name>/<metric>``; ``rel_error`` is shown on the bar),
+        fill ``self._layers`` with the per-step statistics, and return the method's summary: plain values including
+        ``solve_seconds`` (wall time spent in the solvers; with several processes, the busiest one's).
         """
         raise NotImplementedError
 
