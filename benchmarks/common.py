@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-
 import math
 import platform
 from pathlib import Path
@@ -70,6 +70,18 @@ def format_summary(targets: list[dict[str, Any]]) -> str:
     """One line per target: ``MET`` / ``MISSED`` / ``N/A`` (not measured), the target and the measured numbers."""
     verdict = {True: "MET   ", False: "MISSED", None: "N/A   "}
     return "\n".join(f"{verdict[t['met']]} {t['target']}: {t['actual']}" for t in targets)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any], output: Path) -> None:
+    """The options every calibration benchmark takes: ``--windows``, ``--seq-len``, ``--cache-dir``, ``--output``.
+
+    ``--windows`` and ``--seq-len`` default to None (the benchmark fills them from ``defaults`` or its quick
+    settings); their help shows ``defaults["windows"]`` and ``defaults["seq_len"]``.
+    """
+    parser.add_argument("--windows", type=int, help=f"calibration windows (default {defaults['windows']})")
+    parser.add_argument("--seq-len", type=int, help=f"tokens per window (default {defaults['seq_len']})")
+    parser.add_argument("--cache-dir", help="model cache (default $LIGHTNING_PRUNE_CACHE or ~/.cache/lightning_prune)")
+    parser.add_argument("--output", type=Path, default=output, help=f"JSON results (default {output})")
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ from lightning_prune.embedded import bible_splits, perplexity, smollm2_dir, toke
 from lightning_prune.solvers import fasp
 from lightning_prune.structured import fasp_prune
 
-from .common import RESULTS_DIR, environment, format_summary, ratio, write_report
+from .common import RESULTS_DIR, add_common_arguments, environment, format_summary, ratio, write_report
 
 DEFAULT_OUTPUT = RESULTS_DIR / "fasp.json"
 VARIANTS = {  # name -> fasp_prune options
@@ -201,15 +201,12 @@ def format_speeds(speeds: list[dict[str, Any]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--windows", type=int, help=f"calibration windows (default {DEFAULTS['windows']})")
-    parser.add_argument("--seq-len", type=int, help=f"tokens per window (default {DEFAULTS['seq_len']})")
+    add_common_arguments(parser, DEFAULTS, DEFAULT_OUTPUT)
     parser.add_argument("--eval-windows", type=int, help=f"evaluation windows (default {DEFAULTS['eval_windows']})")
     parser.add_argument("--levels", type=float, nargs="+", help=f"fractions removed (default {DEFAULTS['levels']})")
     parser.add_argument("--repeats", type=int, help=f"timed forward runs per shape (default {DEFAULTS['repeats']})")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per batch (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of both window draws (default 0)")
-    parser.add_argument("--cache-dir", help="model cache (default $LIGHTNING_PRUNE_CACHE or ~/.cache/lightning_prune)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
     parser.add_argument(
         "--quick", action="store_true", help=f"smoke run; unset options default to {QUICK} instead of {DEFAULTS}"
     )

@@ -38,6 +38,7 @@ from lightning_prune.solvers import SOLVERS
 
 from .common import (
     RESULTS_DIR,
+    add_common_arguments,
     environment,
     format_summary,
     is_json_scalar_or_list,
@@ -203,8 +204,7 @@ def format_row(row: dict[str, Any], methods: list[str]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--windows", type=int, help=f"calibration windows (default {DEFAULTS['windows']})")
-    parser.add_argument("--seq-len", type=int, help=f"tokens per window (default {DEFAULTS['seq_len']})")
+    add_common_arguments(parser, DEFAULTS, DEFAULT_OUTPUT)
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--blocks", type=int, nargs="+", help=f"decoder blocks (default {DEFAULTS['blocks']})")
     parser.add_argument("--layers", nargs="+", default=LAYERS, help=f"linear layers per block (default {LAYERS})")
@@ -213,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsities", nargs="+", dest="patterns", help=f"fractions removed or n:m (default {DEFAULTS['patterns']})"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
-    parser.add_argument("--cache-dir", help="model cache (default $LIGHTNING_PRUNE_CACHE or ~/.cache/lightning_prune)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
     parser.add_argument(
         "--quick", action="store_true", help=f"smoke run; unset options default to {QUICK} instead of {DEFAULTS}"
     )

@@ -47,6 +47,7 @@ from lightning_prune.solvers import SOLVERS
 
 from .common import (
     RESULTS_DIR,
+    add_common_arguments,
     environment,
     format_summary,
     is_sparsity,
@@ -224,8 +225,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--windows", type=int, help=f"calibration windows (default {DEFAULTS['windows']})")
-    parser.add_argument("--seq-len", type=int, help=f"tokens per window (default {DEFAULTS['seq_len']})")
+    add_common_arguments(parser, DEFAULTS, DEFAULT_OUTPUT)
     parser.add_argument("--eval-windows", type=int, help=f"evaluation windows (default {DEFAULTS['eval_windows']})")
     parser.add_argument("--eval-seq-len", type=int, help="tokens per evaluation window (default --seq-len)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per batch (default 8)")
@@ -235,8 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--patterns", nargs="+", help=f"fractions removed or n:m kept of m (default {DEFAULTS['patterns']})"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of both window draws (default 0)")
-    parser.add_argument("--cache-dir", help="model cache (default $LIGHTNING_PRUNE_CACHE or ~/.cache/lightning_prune)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
     parser.add_argument(
         "--quick", action="store_true", help=f"smoke run; unset options default to {QUICK} instead of {DEFAULTS}"
     )

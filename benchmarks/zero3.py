@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 
-from .common import RESULTS_DIR, environment, write_report
+from .common import RESULTS_DIR, add_common_arguments, environment, write_report
 
 DEFAULT_OUTPUT = RESULTS_DIR / "zero3.json"
 DEFAULTS = {"windows": 64, "seq_len": 512, "batch_size": 8}
@@ -169,12 +169,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--windows", type=int, help=f"calibration windows (default {DEFAULTS['windows']})")
-    parser.add_argument("--seq-len", type=int, help=f"tokens per window (default {DEFAULTS['seq_len']})")
+    add_common_arguments(parser, DEFAULTS, DEFAULT_OUTPUT)
     parser.add_argument("--batch-size", type=int, help=f"windows per batch (default {DEFAULTS['batch_size']})")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
-    parser.add_argument("--cache-dir", help="model cache (default $LIGHTNING_PRUNE_CACHE or ~/.cache/lightning_prune)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
     parser.add_argument("--rank-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--row-dir", type=Path, help=argparse.SUPPRESS)
