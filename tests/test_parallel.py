@@ -79,3 +79,20 @@ def test_cpu_deepspeed_strategy_is_registered_and_one_shot_callbacks_accept_zero
 def test_gram_dtype_is_checked_by_name():
     with pytest.raises(ValueError, match="gram_dtype must be one of \\('float32', 'float64'\\)"):
         SparseGPTPruningCallback(sparsity=0.5, gram_dtype="float16")
+
+
+def test_local_slices_of_a_padded_partition(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning_prune import zero
+
+    # a ZeRO-3 parameter of 5 entries over 2 processes: partitions of 3, the last one padded with 1 entry
+    parameter = SimpleNamespace(ds_id=0, ds_numel=5, ds_tensor=torch.tensor([4.0, 0.0, 7.0]))
+    full_mask = torch.tensor([True, False, True, False, True])
+    monkeypatch.setattr(zero, "_partition_rank", lambda parameter: 1)
+    local = zero.local_slice(parameter, full_mask, fill=True)
+    assert local.tolist() == [False, True, True]  # entries 3 and 4, then the padding (kept)
+    zeros, weights, nonzero_pruned = zero.count_local(parameter, local)
+    assert (zeros, weights, nonzero_pruned) == (1, 2, 1)  # entry 3 (value 4.0) is pruned but nonzero
+    monkeypatch.setattr(zero, "_partition_rank", lambda parameter: 0)
+    assert zero.local_slice(parameter, torch.arange(5.0)).tolist() == [0.0, 1.0, 2.0]
