@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .architectures import check_patterns, matches
-from .parallel import Processes
+from .parallel import processes_for
 from .progress import PruningProgress, fingerprint
 from .sequential import LayerReport, Progress, prune_model
 from .solvers import SOLVERS
@@ -96,8 +96,7 @@ def oneshot(
     )
     if nm is None and sparsity is None:
         raise ValueError("sparsity is required for unstructured pruning (mask_structure='0:0')")
-    if not isinstance(distributed, bool):
-        raise ValueError(f"distributed must be True or False, got {distributed!r}")
+    processes = processes_for(distributed)
 
     def solve(name: str, weight: torch.Tensor, gram: torch.Tensor, tokens: int):
         layer_sparsity = None if nm is not None else _layer_sparsity(name, sparsity, overrides)
@@ -118,8 +117,8 @@ def oneshot(
             saved.append(PruningProgress(resume_dir, settings))
             return saved[0].finished_blocks()
 
-        if distributed:
-            finished = Processes.current().from_rank0(load, f"reading resume_dir={str(resume_dir)!r}")
+        if processes is not None:
+            finished = processes.from_rank0(load, f"reading resume_dir={str(resume_dir)!r}")
         else:
             finished = load()
         on_block_end = saved[0].save_block if saved else None

@@ -26,6 +26,13 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
+def processes_for(distributed: bool) -> Processes | None:
+    """:meth:`Processes.current` for ``distributed=True``, None for False; a ValueError naming it otherwise."""
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be True or False, got {distributed!r}")
+    return Processes.current() if distributed else None
+
+
 class DistributedPruningError(RuntimeError):
     """Raised on every process when one of them failed; the message names the rank and its original error."""
 

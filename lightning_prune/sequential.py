@@ -54,7 +54,7 @@ from .architectures import (
     weight_view,
 )
 from .gram import GRAM_DTYPES, GramAccumulator
-from .parallel import Processes
+from .parallel import Processes, processes_for
 from .solvers.result import PruneResult
 from .zero import gathered, is_partitioned, restore_local, save_local, write_master
 
@@ -186,7 +186,7 @@ def prune_model(
     plan = _plan(model, path, blocks, targets, ignore, true_sequential, sequential_targets)
     last = max(index for index, groups in enumerate(plan) if groups)
 
-    processes = _processes(distributed)
+    processes = processes_for(distributed)
     if processes is not None:
         batches = processes.share(list(batches))
 
@@ -205,8 +205,8 @@ def prune_model(
                 written = {}
                 for group in plan[index] if record is None else [layers]:
                     originals.extend((module, _save(module)) for module in group.values())
-                    current = read_weights(group)
                     if record is None:
+                        current = read_weights(group)
                         grams = collect_grams(block, group, inputs, device, gram_dtype)
                         if processes is not None:
                             for gram in grams.values():
@@ -281,8 +281,8 @@ def _save(module: nn.Module) -> Any:
 def _restore(module: nn.Module, saved: Any) -> None:
     if is_partitioned(module.weight):
         restore_local(module.weight, saved)
-    else:
-        set_weight(module, saved)
+    else:  # through write_weights, so a DeepSpeed ZeRO-1/2 master copy is restored too
+        write_weights({"": module}, {"": saved})
 
 
 def _solve_group(
@@ -319,11 +319,6 @@ def _solve_group(
         results[name] = (PruneResult(new_weight, mask, stats), grams[name].tokens)
     return results
 
-
-def _processes(distributed: bool) -> Processes | None:
-    if not isinstance(distributed, bool):
-        raise ValueError(f"distributed must be True or False, got {distributed!r}")
-    return Processes.current() if distributed else None
 
 
 @contextmanager

@@ -18,6 +18,7 @@ Rules that keep the processes in step (each gather is a collective):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -64,8 +65,6 @@ def outside_zero_init() -> Iterator[None]:
     new parameter is partitioned as it is created, which ``transformers.from_pretrained`` does not expect. A model
     built here is whole; the DeepSpeed engine partitions it when it wraps the model.
     """
-    import sys
-
     partition_parameters = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
     active = partition_parameters is not None and partition_parameters.top_level_context is not None
     if active:

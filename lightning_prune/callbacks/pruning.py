@@ -30,11 +30,12 @@ from typing_extensions import override
 from ..architectures import check_patterns, find_blocks, prunable_layers
 from ..module import IGNORE_INDEX, token_nll
 from ..oneshot import UNSTRUCTURED, check_oneshot_arguments, oneshot
+from ..gram import GRAM_DTYPES
 from ..sequential import OFFLOAD_CHOICES
 from ..solvers import PruneResult
 
-#: Accepted ``gram_dtype`` values of :class:`OneShotPruningCallback`.
-GRAM_DTYPE_NAMES = ("float32", "float64")
+#: Accepted ``gram_dtype`` values of :class:`OneShotPruningCallback`: the names of the gram accumulation dtypes.
+GRAM_DTYPE_NAMES = tuple(str(dtype).removeprefix("torch.") for dtype in GRAM_DTYPES)
 
 #: Prefix of every metric this callback sends to the trainer's loggers.
 METRIC_PREFIX = "prune"
@@ -650,12 +651,13 @@ def _on_device(module: LightningModule, device: torch.device, strategy: Any) -> 
 
     Under DeepSpeed the engine keeps the (possibly partitioned) parameters where they are: nothing is moved."""
     original = module.device
-    if original != device and not isinstance(strategy, DeepSpeedStrategy):
+    move = original != device and not isinstance(strategy, DeepSpeedStrategy)
+    if move:
         module.to(device)
     try:
         yield
     finally:
-        if original != device and not isinstance(strategy, DeepSpeedStrategy):
+        if move:
             module.to(original)
 
 
