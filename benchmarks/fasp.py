@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from lightning_prune.embedded import bible_splits, perplexity, smollm2_dir, token_windows
+from lightning_prune.embedded import bible_splits, smollm2_dir, token_windows
+from lightning_prune.evaluation import perplexity
 from lightning_prune.solvers import fasp
 from lightning_prune.structured import fasp_prune
 
@@ -57,6 +58,7 @@ QUICK = {"windows": 8, "seq_len": 512, "eval_windows": 8, "levels": [0.2, 0.3], 
 SPEED_SHAPES = ((1, 512), (8, 512))
 PPL_LEVEL, PPL_BOUND = 0.2, 0.7  # FASP perplexity <= 0.7 x no-restoration at 20 %
 TIME_BOUND = 60.0  # seconds to prune SmolLM2 (the 20 % FASP row)
+EVAL_BATCH_SIZE = 8  # evaluation windows per forward pass
 SPEED_LEVEL, SPEED_BOUND = 0.3, 1.2  # slimmed / dense speed at 30 %
 
 
@@ -66,8 +68,9 @@ def load(model_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def prune_row(model_dir: Path, variant: str, level: float, windows: dict[str, torch.Tensor],
-              batch_size: int) -> tuple[dict[str, Any], torch.nn.Module]:
+def prune_row(
+    model_dir: Path, variant: str, level: float, windows: dict[str, torch.Tensor], batch_size: int
+) -> tuple[dict[str, Any], torch.nn.Module]:
     """Prune a fresh dense model with one variant at one level; evaluate it. Returns the row and the model."""
     model = load(model_dir)
     batches = [{"input_ids": batch} for batch in windows["calibration"].split(batch_size)]
@@ -92,7 +95,7 @@ def prune_row(model_dir: Path, variant: str, level: float, windows: dict[str, to
         "tokens": next(iter(report.groups.values())).tokens,
     }
     start = time.perf_counter()
-    row["ppl"] = perplexity(model, windows["evaluation"])
+    row["ppl"] = perplexity(model, windows["evaluation"].split(EVAL_BATCH_SIZE))
     row["eval_seconds"] = time.perf_counter() - start
     return row, model
 
@@ -235,27 +238,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = bible_splits()
     windows = {
         "calibration": token_windows(tokenizer, splits["calibration"].values(), args.seq_len, args.windows, args.seed),
-        "evaluation": token_windows(tokenizer, splits["validation"].values(), args.seq_len, args.eval_windows,
-                                    args.seed),
+        "evaluation": token_windows(
+            tokenizer, splits["validation"].values(), args.seq_len, args.eval_windows, args.seed
+        ),
     }
-    print(f"calibration {args.windows} x {args.seq_len} tokens (calibration books), evaluation {args.eval_windows} x "
-          f"{args.seq_len} (validation books); levels {args.levels}; torch threads {torch.get_num_threads()}",
-          flush=True)
+    print(
+        f"calibration {args.windows} x {args.seq_len} tokens (calibration books), evaluation {args.eval_windows} x "
+        f"{args.seq_len} (validation books); levels {args.levels}; torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=generator)
     fasp(torch.randn(32, 64, generator=generator), x.T @ x, 0.5)  # one-off library start-up, not timed
 
     dense = load(model_dir)
     dense_params = sum(p.numel() for p in dense.parameters())
-    dense_ppl = perplexity(dense, windows["evaluation"])
+    dense_ppl = perplexity(dense, windows["evaluation"].split(EVAL_BATCH_SIZE))
     print(f"done dense: ppl {dense_ppl:.3f}, {dense_params:,} parameters", flush=True)
     rows, speeds = [], []
     for level in args.levels:
         for variant in VARIANTS:
             row, model = prune_row(model_dir, variant, level, windows, args.batch_size)
             rows.append(row)
-            print(f"done {variant} at {level:.0%}: ppl {row['ppl']:.4g}, prune {row['prune_seconds']:.1f} s, "
-                  f"{row['params']:,} parameters ({row['model_type']})", flush=True)
+            print(
+                f"done {variant} at {level:.0%}: ppl {row['ppl']:.4g}, prune {row['prune_seconds']:.1f} s, "
+                f"{row['params']:,} parameters ({row['model_type']})",
+                flush=True,
+            )
             if variant == "fasp":
                 speeds += speed(dense, model, level, args.repeats)
             del model

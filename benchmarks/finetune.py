@@ -25,30 +25,54 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 
-from .common import RESULTS_DIR, environment, format_summary, write_report
 from lightning_prune.callbacks import ALPSPruningCallback, SparsityMaskCallback
 from lightning_prune.data import TextDataModule
 from lightning_prune.module import CausalLMModule
+
+from .common import RESULTS_DIR, environment, format_summary, write_report
 
 DEFAULTS = {"steps": 200, "seq_len": 512, "batch_size": 1, "calibration": 64, "eval_windows": 16}
 QUICK = {"steps": 4, "seq_len": 128, "batch_size": 1, "calibration": 4, "eval_windows": 2}
 
 
-def run(steps: int, seq_len: int, batch_size: int, calibration: int, eval_windows: int, sparsity: float,
-        learning_rate: float, precision: str) -> dict[str, Any]:
+def run(
+    steps: int,
+    seq_len: int,
+    batch_size: int,
+    calibration: int,
+    eval_windows: int,
+    sparsity: float,
+    learning_rate: float,
+    precision: str,
+) -> dict[str, Any]:
     """One prune-then-finetune fit; returns the measurements."""
     module = CausalLMModule("embedded:smollm2", learning_rate=learning_rate, weight_decay=0.01, warmup_steps=10)
     data = TextDataModule(
-        "embedded:smollm2", train_files="embedded:bible/calibration", val_files="embedded:bible/validation",
-        sample_by="document", seq_len=seq_len, batch_size=batch_size, calibration_samples=calibration,
+        "embedded:smollm2",
+        train_files="embedded:bible/calibration",
+        val_files="embedded:bible/validation",
+        sample_by="document",
+        seq_len=seq_len,
+        batch_size=batch_size,
+        calibration_samples=calibration,
     )
     eval_batches = max(1, eval_windows // batch_size)
     pruning = ALPSPruningCallback(sparsity=sparsity, evaluate=True, eval_batches=eval_batches)
     mask = SparsityMaskCallback(log_every_n_steps=0)
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, precision=precision, limit_val_batches=eval_batches,
-        val_check_interval=steps, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, callbacks=[pruning, mask],
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        precision=precision,
+        limit_val_batches=eval_batches,
+        val_check_interval=steps,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        callbacks=[pruning, mask],
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -92,26 +116,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(**settings, sparsity=args.sparsity, learning_rate=args.learning_rate, precision=args.precision)
 
     print(f"{'stage':<22}{'perplexity':>12}")
-    for stage, key in (("dense", "perplexity_dense"), ("after ALPS pruning", "perplexity_pruned"),
-                       ("after fine-tuning", "perplexity_finetuned")):
+    for stage, key in (
+        ("dense", "perplexity_dense"),
+        ("after ALPS pruning", "perplexity_pruned"),
+        ("after fine-tuning", "perplexity_finetuned"),
+    ):
         print(f"{stage:<22}{result[key]:>12.3f}")
     sparsities = [entry["sparsity_after_finetune"] for entry in result["layers"].values()]
-    print(f"{len(sparsities)} pruned layers: sparsity after fine-tuning min {min(sparsities):.4f} max "
-          f"{max(sparsities):.4f}; nonzero pruned weights: {result['nonzero_pruned']}")
-    print(f"pruning {result['prune_seconds']:.1f} s, fine-tuning {result['steps']} steps × "
-          f"{result['tokens_per_step']} tokens {result['finetune_seconds']:.1f} s, total {result['total_seconds']:.1f} s")
-    targets = [{
-        "target": "every pruned weight still exactly zero after fine-tuning",
-        "met": result["exact"], "actual": f"{result['nonzero_pruned']} nonzero pruned weights",
-    }, {
-        "target": "fine-tuning lowers the pruned model's perplexity",
-        "met": result["perplexity_finetuned"] < result["perplexity_pruned"],
-        "actual": f"{result['perplexity_pruned']:.3f} -> {result['perplexity_finetuned']:.3f}",
-    }]
+    print(
+        f"{len(sparsities)} pruned layers: sparsity after fine-tuning min {min(sparsities):.4f} max "
+        f"{max(sparsities):.4f}; nonzero pruned weights: {result['nonzero_pruned']}"
+    )
+    print(
+        f"pruning {result['prune_seconds']:.1f} s, fine-tuning {result['steps']} steps × "
+        f"{result['tokens_per_step']} tokens {result['finetune_seconds']:.1f} s, total {result['total_seconds']:.1f} s"
+    )
+    targets = [
+        {
+            "target": "every pruned weight still exactly zero after fine-tuning",
+            "met": result["exact"],
+            "actual": f"{result['nonzero_pruned']} nonzero pruned weights",
+        },
+        {
+            "target": "fine-tuning lowers the pruned model's perplexity",
+            "met": result["perplexity_finetuned"] < result["perplexity_pruned"],
+            "actual": f"{result['perplexity_pruned']:.3f} -> {result['perplexity_finetuned']:.3f}",
+        },
+    ]
     print(format_summary(targets))
-    record = {"settings": settings | {"sparsity": args.sparsity, "learning_rate": args.learning_rate,
-                                      "precision": args.precision}, "environment": environment(),
-              "result": result, "targets": targets}
+    record = {
+        "settings": settings
+        | {"sparsity": args.sparsity, "learning_rate": args.learning_rate, "precision": args.precision},
+        "environment": environment(),
+        "result": result,
+        "targets": targets,
+    }
     write_report(args.output, record)
     return record
 

@@ -245,8 +245,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     windows = token_windows(tokenizer, calibration, args.seq_len, args.windows, seed=args.seed)
     problems, calibration_seconds = collect_problems(model_dir, args.blocks, args.layers, windows, args.batch_size)
     tokens = next(iter(problems.values()))["tokens"]
-    print(f"calibration: {tokens} tokens through blocks 0..{max(args.blocks)} in {calibration_seconds:.1f} s; "
-          f"{len(problems)} layers; torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"calibration: {tokens} tokens through blocks 0..{max(args.blocks)} in {calibration_seconds:.1f} s; "
+        f"{len(problems)} layers; torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
 
     warm_up(args.methods)
     print(format_header(args.methods), flush=True)

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 from lightning_prune import oneshot
-from lightning_prune.embedded import bible_splits, perplexity, smollm2_dir, token_windows
+from lightning_prune.embedded import bible_splits, smollm2_dir, token_windows
+from lightning_prune.evaluation import perplexity
 from lightning_prune.solvers import SOLVERS
 
 from .common import (
@@ -76,8 +77,9 @@ TIME_TARGET = 2.0  # ALPS oneshot wall time / SparseGPT's, at every pattern
 DENSE = "dense"
 
 
-def run_row(method: str, pattern: str, model_dir: Path, windows_file: Path, batch_size: int,
-            eval_batch_size: int) -> dict[str, Any]:
+def run_row(
+    method: str, pattern: str, model_dir: Path, windows_file: Path, batch_size: int, eval_batch_size: int
+) -> dict[str, Any]:
     """Prune a freshly loaded model with one method at one pattern (``method="dense"``: no pruning); evaluate it.
 
     Meant to run alone in its own process: the RSS figures are this process's peaks.
@@ -118,7 +120,7 @@ def run_row(method: str, pattern: str, model_dir: Path, windows_file: Path, batc
         gc.collect()
     row["rss_prune_mib"] = _peak_rss_mib()
     start = time.perf_counter()
-    row["ppl"] = perplexity(model, windows["evaluation"], eval_batch_size)
+    row["ppl"] = perplexity(model, windows["evaluation"].split(eval_batch_size))
     row["eval_seconds"] = time.perf_counter() - start
     row["rss_row_mib"] = _peak_rss_mib()
     return row
@@ -130,8 +132,9 @@ def _peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def spawn_row(method: str, pattern: str, args: argparse.Namespace, model_dir: Path, windows_file: Path,
-              scratch: Path) -> dict[str, Any]:
+def spawn_row(
+    method: str, pattern: str, args: argparse.Namespace, model_dir: Path, windows_file: Path, scratch: Path
+) -> dict[str, Any]:
     """Run :func:`run_row` in a fresh ``python -m benchmarks.prune_model --row`` process; return its row."""
     output = scratch / f"row-{method}-{pattern.replace(':', '_')}.json"
     command = [
@@ -285,9 +288,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tokenizer, splits["validation"].values(), args.eval_seq_len, args.eval_windows, args.seed
         ),
     }
-    print(f"calibration {args.windows} x {args.seq_len} tokens (calibration books), evaluation {args.eval_windows} x "
-          f"{args.eval_seq_len} (validation books); {len(methods)} methods x {len(patterns)} patterns + dense, "
-          f"one process each; torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"calibration {args.windows} x {args.seq_len} tokens (calibration books), evaluation {args.eval_windows} x "
+        f"{args.eval_seq_len} (validation books); {len(methods)} methods x {len(patterns)} patterns + dense, "
+        f"one process each; torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
 
     plan = [(DENSE, "-")] + [(method, pattern) for pattern in patterns for method in methods]
     rows = []

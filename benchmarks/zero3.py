@@ -1,15 +1,15 @@
 """DeepSpeed ZeRO-3 pruning benchmark: SmolLM2-135M, ALPS 70 %, with 1 and with 2 CPU processes.
 
-Each row is a prune-only Lightning fit (``max_steps=0``) under :class:`~lightning_prune.strategies.DeepSpeedCPUStrategy`
-(ZeRO stage 3, DeepSpeed's default partitioning thresholds), started with ``torch.distributed.run``: the
-:class:`~lightning_prune.callbacks.ALPSPruningCallback` prunes the partitioned model (calibration batches split over
-the processes, grams summed, layer solves shared out) and :class:`~lightning_prune.callbacks.ExportPrunedModelCallback`
-writes the result. Three rows (C = CPU cores): 1 process with C threads and 2 processes with C/2 threads each use
-the whole machine (the speed comparison); 1 process with C/2 threads computes exactly what each of the 2 processes
-computes per layer (the equality comparison: solvers' floating-point results depend on the thread count, and ALPS
-masks with them, differences that then compound over 30 blocks). Calibration: 64 windows of 512 tokens from the
-calibration books of the King James Bible (8 per batch), ``gram_dtype="float64"``; the perplexity before and after
-is measured on 2 batches of held-out books.
+Each row is a prune-only Lightning fit (``max_steps=0``) under
+:class:`~lightning_prune.distributed.strategies.DeepSpeedCPUStrategy` (ZeRO stage 3, DeepSpeed's default partitioning
+thresholds), started with ``torch.distributed.run``: the :class:`~lightning_prune.callbacks.ALPSPruningCallback`
+prunes the partitioned model (calibration batches split over the processes, grams summed, layer solves shared out)
+and :class:`~lightning_prune.callbacks.ExportPrunedModelCallback` writes the result. Three rows (C = CPU cores): 1
+process with C threads and 2 processes with C/2 threads each use the whole machine (the speed comparison); 1 process
+with C/2 threads computes exactly what each of the 2 processes computes per layer (the equality comparison: solvers'
+floating-point results depend on the thread count, and ALPS masks with them, differences that then compound over 30
+blocks). Calibration: 64 windows of 512 tokens from the calibration books of the King James Bible (8 per batch),
+``gram_dtype="float64"``; the perplexity before and after is measured on 2 batches of held-out books.
 
 Reported per row: ``prune_s`` = the callback's pruning wall time (calibration passes + solves, evaluation
 excluded), ``solver_s`` = the solver seconds of the busiest process, ``calibration_s`` = the rest (calibration
@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from .common import RESULTS_DIR, add_common_arguments, environment, write_report
 
 DEFAULT_OUTPUT = RESULTS_DIR / "zero3.json"
@@ -56,8 +55,8 @@ def run_rank(args: argparse.Namespace) -> None:
 
     from lightning_prune.callbacks import ALPSPruningCallback, ExportPrunedModelCallback
     from lightning_prune.data import TextDataModule
+    from lightning_prune.distributed.strategies import DeepSpeedCPUStrategy
     from lightning_prune.module import CausalLMModule
-    from lightning_prune.strategies import DeepSpeedCPUStrategy
 
     logging.disable_progress_bar()
     processes = int(os.environ["WORLD_SIZE"])
@@ -99,7 +98,8 @@ def _peak_rss_mib() -> float:
 
 
 def run_row(processes: int, threads: int, args: argparse.Namespace, model_dir: Path, scratch: Path) -> dict[str, Any]:
-    """Start one row with ``processes`` processes of ``threads`` threads; return its numbers (``error`` if it failed)."""
+    """Start one row with ``processes`` processes of ``threads`` threads; return its numbers (``error`` if it
+    failed)."""
     row_dir = scratch / f"ranks{processes}-threads{threads}"
     row_dir.mkdir()
     root = str(Path(__file__).resolve().parent.parent)
@@ -147,7 +147,9 @@ def compare(first: Path, second: Path) -> dict[str, Any]:
         return {"error": "the exported models hold different tensors"}
     return {
         "max_abs_weight_difference": max(float((a[k].double() - b[k].double()).abs().max()) for k in a),
-        "zero_positions_differing": sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a if k.endswith("proj.weight")),
+        "zero_positions_differing": sum(
+            int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a if k.endswith("proj.weight")
+        ),
     }
 
 
@@ -160,9 +162,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             continue
         rss = " / ".join(f"{value:.0f}" for value in row["rss_mib"])
         lines.append(
-            f"{row['processes']:>5} {row['threads_per_process']:>3} {row['prune_s']:>8.1f} {row['calibration_s']:>8.1f} "
-            f"{row['solver_s']:>8.1f} {row['process_s']:>9.1f} {rss:>22} {row['ppl_before']:>10.3f} "
-            f"{row['ppl_after']:>9.3f}"
+            f"{row['processes']:>5} {row['threads_per_process']:>3} {row['prune_s']:>8.1f} "
+            f"{row['calibration_s']:>8.1f} {row['solver_s']:>8.1f} {row['process_s']:>9.1f} {rss:>22} "
+            f"{row['ppl_before']:>10.3f} {row['ppl_after']:>9.3f}"
         )
     return "\n".join(lines)
 
@@ -200,8 +202,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     cores = os.cpu_count() or 1
     share = max(1, cores // PROCESSES)
     plan = [(1, cores), (1, share), (PROCESSES, share)]  # whole machine alone; one share alone; whole machine split
-    print(f"ALPS {SPARSITY:.0%} of SmolLM2-135M under ZeRO-3 on CPU: {args.windows} x {args.seq_len} calibration "
-          f"tokens, {args.batch_size} windows per batch; rows (processes, threads each): {plan}", flush=True)
+    print(
+        f"ALPS {SPARSITY:.0%} of SmolLM2-135M under ZeRO-3 on CPU: {args.windows} x {args.seq_len} calibration "
+        f"tokens, {args.batch_size} windows per batch; rows (processes, threads each): {plan}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="zero3-") as scratch:
         rows = []
         for processes, threads in plan:
@@ -213,8 +218,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             agreement = compare(Path(alone["model_dir"]), Path(split["model_dir"]))
     print("\n" + format_table(rows))
     if agreement is not None:
-        print(f"\n1 process x {share} vs {PROCESSES} x {share}: "
-              + ", ".join(f"{key} {value}" for key, value in agreement.items()))
+        print(
+            f"\n1 process x {share} vs {PROCESSES} x {share}: "
+            + ", ".join(f"{key} {value}" for key, value in agreement.items())
+        )
     for label, baseline in ((f"1 x {cores}", whole), (f"1 x {share}", alone)):
         if "error" not in baseline and "error" not in split:
             print(f"prune time {PROCESSES} x {share} / {label}: {split['prune_s'] / baseline['prune_s']:.3f}")

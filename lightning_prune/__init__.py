@@ -1,16 +1,34 @@
 """lightning_prune: one-shot pruning of large language models as PyTorch Lightning callbacks.
 
-Importing the package registers the slimmed ``*_fasp`` model types (:mod:`lightning_prune.slim_models`) with the
-transformers ``Auto*`` classes, so FASP-pruned directories reload with ``AutoModelForCausalLM.from_pretrained``,
-and the CPU DeepSpeed strategy (:mod:`lightning_prune.strategies`) with Lightning as ``"deepspeed_cpu_stage_3"``.
+``import lightning_prune`` needs torch alone: it brings the functional one-shot face (:func:`oneshot`,
+:class:`OneShotOptions`, :func:`prune_oneshot`); the FASP face (:func:`fasp_prune`, :class:`StructuredOptions`,
+:func:`prune_structured`) is imported on first access (PEP 562), with transformers, from
+:mod:`lightning_prune.structured`, whose import registers the slimmed ``*_fasp`` model types. The Lightning
+callbacks live in :mod:`lightning_prune.callbacks`.
 """
 
-from . import slim_models, strategies  # noqa: F401 (registers the strategy)
-from .oneshot import oneshot
-from .structured import fasp_prune
+from __future__ import annotations
 
-slim_models.register()
+import importlib
+from typing import Any
+
+from .oneshot import OneShotOptions, oneshot, prune_oneshot
 
 __version__ = "0.1.0"
 
-__all__ = ["fasp_prune", "oneshot", "strategies"]
+#: Public names imported on first access, from :mod:`lightning_prune.structured` (which needs transformers).
+_STRUCTURED = ("StructuredOptions", "fasp_prune", "prune_structured")
+
+__all__ = ["OneShotOptions", "oneshot", "prune_oneshot", *_STRUCTURED]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _STRUCTURED:
+        value = getattr(importlib.import_module("lightning_prune.structured"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_STRUCTURED])

@@ -21,14 +21,27 @@ Prunable modules are ``nn.Linear`` (weight ``[out, in]``) and GPT-2's ``transfor
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-PRUNABLE_TYPES = (nn.Linear, Conv1D)
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is GPT-2's ``transformers.pytorch_utils.Conv1D`` (weight stored ``[in, out]``).
+
+    Read from ``sys.modules`` so that this module needs torch alone: a Conv1D layer can only exist once transformers
+    has imported the class.
+    """
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer the solvers prune: ``nn.Linear`` or GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,7 @@ FAMILIES: dict[str, Family] = {
         sequential_targets=(("c_attn",), ("attn.c_proj",), ("c_fc",), ("mlp.c_proj",)),
     ),
 }
-# The structurally slimmed variants of :mod:`lightning_prune.slim_models` keep the layout of their family.
+# The structurally slimmed variants of :mod:`lightning_prune.structured.models` keep the layout of their family.
 FAMILIES.update({f"{name}_fasp": FAMILIES[name] for name in ("llama", "mistral", "qwen2", "opt")})
 
 
@@ -154,9 +167,9 @@ def _find_repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if len({type(block) for block in module}) != 1 or isinstance(module[0], PRUNABLE_TYPES):
+        if len({type(block) for block in module}) != 1 or is_prunable(module[0]):
             continue
-        if not any(isinstance(m, PRUNABLE_TYPES) for m in module[0].modules()):
+        if not any(is_prunable(m) for m in module[0].modules()):
             continue
         if any(name.startswith(outer + ".") for outer, _ in candidates):
             continue
@@ -193,6 +206,84 @@ def check_patterns(patterns: str | Sequence[str] | None, argument: str) -> list[
     return list(patterns)
 
 
+def check_sequential_targets(groups: object) -> list[list[str]] | None:
+    """Normalise ``sequential_targets``: None, or a list of groups, each a list of patterns (a bare string is a
+    group of one pattern).
+
+    Raises:
+        ValueError: naming ``sequential_targets`` when it is not a list of pattern lists.
+    """
+    if groups is None:
+        return None
+    if isinstance(groups, str) or not isinstance(groups, Sequence):
+        raise ValueError(f"sequential_targets must be a list of groups, each a list of patterns, got {groups!r}")
+    return [check_patterns(group, "sequential_targets") for group in groups]
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layers of each decoder block are pruned, and in which groups; checked when built.
+
+    Attributes:
+        targets: layers to prune (names, name suffixes, class names or ``"re:<regex>"``, see the module docstring);
+            default None: every ``nn.Linear`` / ``Conv1D`` inside the decoder blocks (never embeddings or
+            ``lm_head``).
+        ignore: layers to leave dense, same syntax; default None.
+        true_sequential: solve each block's layers group by group (e.g. q/k/v, then o, then gate/up, then down),
+            later groups calibrated on the outputs of the pruned earlier ones (default False: every layer of a
+            block sees the dense block).
+        sequential_targets: the groups for ``true_sequential``, lists of patterns in forward order; default None:
+            the model family's. Layers matching no group are solved last, as one group.
+    """
+
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    true_sequential: bool = False
+    sequential_targets: list[list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", check_patterns(self.targets, "targets"))
+        object.__setattr__(self, "ignore", check_patterns(self.ignore, "ignore"))
+        if not isinstance(self.true_sequential, bool):
+            raise ValueError(f"true_sequential must be True or False, got {self.true_sequential!r}")
+        groups = check_sequential_targets(self.sequential_targets)
+        if groups is not None and not self.true_sequential:
+            raise ValueError("sequential_targets only applies with true_sequential=True")
+        object.__setattr__(self, "sequential_targets", groups)
+
+    def layers(self, block: nn.Module, block_prefix: str) -> dict[str, nn.Module]:
+        """The selected layers of one block, ``{full name: module}`` (see :func:`prunable_layers`)."""
+        return prunable_layers(block, block_prefix, self.targets, self.ignore)
+
+    def plan(self, model: nn.Module) -> list[list[dict[str, nn.Module]]]:
+        """Per decoder block of ``model``, the groups of layers solved together (``[]``: nothing to prune there).
+
+        Raises:
+            ValueError: when no layer is selected (listing available layer names), or with ``true_sequential`` and
+                no ``sequential_targets`` for a family without default groups.
+        """
+        path, blocks = find_blocks(model)
+        layers = [self.layers(block, f"{path}.{index}") for index, block in enumerate(blocks)]
+        if not any(layers):
+            available = [
+                name for index, block in enumerate(blocks) for name in prunable_layers(block, f"{path}.{index}")
+            ]
+            raise ValueError(
+                f"targets={self.targets!r} with ignore={self.ignore!r} select no prunable layer; available layers "
+                f"include {available[:8]}"
+            )
+        if not self.true_sequential:
+            return [[block_layers] if block_layers else [] for block_layers in layers]
+        groups = self.sequential_targets or default_sequential_targets(model)
+        if groups is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise ValueError(
+                f"sequential_targets: no default groups for model type {model_type!r}; pass them explicitly, "
+                "e.g. [['q_proj', 'k_proj', 'v_proj'], ['o_proj'], ['gate_proj', 'up_proj'], ['down_proj']]"
+            )
+        return [sequential_groups(block_layers, groups) for block_layers in layers]
+
+
 def matches(full_name: str, module: nn.Module | None, pattern: str) -> bool:
     """Whether ``pattern`` (see the module docstring) selects the module ``full_name`` (class names need ``module``)."""
     if pattern.startswith("re:"):
@@ -213,17 +304,17 @@ def prunable_layers(
     Args:
         block: one decoder block.
         block_prefix: its full name in the model (``"model.layers.0"``), prepended to the module names.
-        targets: patterns of layers to prune (default None: every linear in the block).
-        ignore: patterns of layers to leave alone (default None: none).
+        targets: patterns of layers to prune, as :func:`check_patterns` returns them (default None: every linear
+            in the block).
+        ignore: patterns of layers to leave alone, likewise (default None: none).
 
     Returns:
         ``{full_name: module}`` in module order.
     """
-    targets = check_patterns(targets, "targets")
-    ignore = check_patterns(ignore, "ignore") or []
+    ignore = ignore or []
     layers = {}
     for name, module in block.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES):
+        if not is_prunable(module):
             continue
         full_name = f"{block_prefix}.{name}"
         if targets is not None and not any(matches(full_name, module, p) for p in targets):
@@ -241,42 +332,36 @@ def default_sequential_targets(model: nn.Module) -> list[list[str]] | None:
 
 
 def sequential_groups(
-    layers: dict[str, nn.Module], sequential_targets: Sequence[str | Sequence[str]]
+    layers: dict[str, nn.Module], sequential_targets: Sequence[Sequence[str]]
 ) -> list[dict[str, nn.Module]]:
     """Split one block's selected layers into true-sequential groups.
 
     Args:
         layers: ``{full_name: module}`` from :func:`prunable_layers`.
-        sequential_targets: groups of patterns in forward order (a bare string is a group of one pattern).
+        sequential_targets: groups of patterns in forward order, as :func:`check_sequential_targets` returns them.
 
     Returns:
         Non-empty groups in the given order; each layer joins the first group it matches, and layers matching
         no group form one last group so they are still pruned.
-
-    Raises:
-        ValueError: naming ``sequential_targets`` when it is not a list of pattern lists.
     """
-    if isinstance(sequential_targets, str) or not isinstance(sequential_targets, Sequence):
-        raise ValueError(
-            f"sequential_targets must be a list of groups, each a list of patterns, got {sequential_targets!r}"
-        )
-    patterns = [check_patterns(group, "sequential_targets") or [] for group in sequential_targets]
-    groups: list[dict[str, nn.Module]] = [{} for _ in range(len(patterns) + 1)]
+    groups: list[dict[str, nn.Module]] = [{} for _ in range(len(sequential_targets) + 1)]
     for name, module in layers.items():
-        index = next((i for i, group in enumerate(patterns) if any(matches(name, module, p) for p in group)), -1)
+        index = next(
+            (i for i, group in enumerate(sequential_targets) if any(matches(name, module, p) for p in group)), -1
+        )
         groups[index][name] = module
     return [group for group in groups if group]
 
 
 def _check_prunable(module: nn.Module) -> None:
-    if not isinstance(module, PRUNABLE_TYPES):
+    if not is_prunable(module):
         raise ValueError(f"module must be nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
 def in_features(module: nn.Module) -> int:
     """Input width ``in`` of a prunable layer, read from its attributes (never from a possibly sharded weight)."""
     _check_prunable(module)
-    return module.nx if isinstance(module, Conv1D) else module.in_features
+    return module.nx if is_conv1d(module) else module.in_features
 
 
 def weight_view(module: nn.Module) -> torch.Tensor:
@@ -287,7 +372,7 @@ def weight_view(module: nn.Module) -> torch.Tensor:
 def out_in_view(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """A tensor laid out like ``module.weight`` (the weight, its gradient, an optimizer state) as ``[out, in]``."""
     _check_prunable(module)
-    return tensor.T if isinstance(module, Conv1D) else tensor
+    return tensor.T if is_conv1d(module) else tensor
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
@@ -347,4 +432,3 @@ def value_units(num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tenso
     heads = torch.arange(num_heads).repeat_interleave(head_dim)
     channels = torch.arange(head_dim).repeat(num_heads)
     return heads // (num_heads // num_kv_heads) * head_dim + channels
-

@@ -16,6 +16,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from . import callbacks  # noqa: F401  (registers the "deepspeed_cpu_stage_3" strategy and the *_fasp model types)
 from .data import TextDataModule
 from .module import CausalLMModule
 

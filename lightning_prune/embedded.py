@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -270,40 +269,3 @@ def token_windows(tokenizer: Any, texts: Iterable[str], seq_len: int, count: int
     chosen = torch.randperm(available, generator=generator)[:count].sort().values
     windows = torch.tensor(ids[: available * seq_len], dtype=torch.long).view(available, seq_len)
     return windows[chosen]
-
-
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Perplexity ``exp(mean NLL)`` of a causal LM over every next-token prediction in ``windows``.
-
-    Each window predicts its tokens 2..seq_len from the preceding ones (``count * (seq_len - 1)`` predictions in
-    all; no context crosses windows). Runs under ``torch.inference_mode`` in eval mode on the model's device and
-    restores the model's training flag afterwards. Per-batch NLL sums are accumulated in float64.
-
-    Args:
-        model: a causal LM whose ``model(input_ids=...)`` returns ``.logits [batch, seq_len, vocab]``.
-        windows: ``LongTensor [count, seq_len]`` with ``seq_len >= 2`` (e.g. from :func:`token_windows`).
-        batch_size: windows per forward pass (default 8).
-    """
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
-        got = f"{windows.dtype} tensor of shape {tuple(windows.shape)}" if isinstance(windows, torch.Tensor) else None
-        raise ValueError(f"windows must be a LongTensor [count, seq_len], got {got or type(windows).__name__}")
-    if windows.shape[0] < 1 or windows.shape[1] < 2:
-        raise ValueError(f"windows needs count >= 1 and seq_len >= 2, got shape {tuple(windows.shape)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    try:
-        with torch.inference_mode():
-            for batch in windows.split(batch_size):
-                batch = batch.to(device)
-                logits = model(input_ids=batch).logits[:, :-1].float()
-                nll = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-                )
-                total += nll.double().cpu()
-    finally:
-        model.train(was_training)
-    return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))

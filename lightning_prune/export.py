@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import PRUNABLE_TYPES
+from .architectures import is_prunable
 
 #: Name of the metadata file written next to the weights.
 SPARSITY_FILE = "sparsity.json"
@@ -39,31 +39,11 @@ SPARSITY_FILE = "sparsity.json"
 #: Version of the ``sparsity.json`` layout written by :func:`save_pruned`.
 FORMAT_VERSION = 1
 
+
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Names of the ``nn.Linear`` / ``Conv1D`` modules of ``model`` except the output embedding (LM head), in order."""
     head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    return [name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES) and module is not head]
-
-
-def masks_from_model(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
-    """Nonzero pattern of linear weights: ``{name: weight != 0}``, bool, in the stored weight layout and device.
-
-    Args:
-        model: the (pruned) model.
-        names: module names of ``nn.Linear`` / ``Conv1D`` layers (as in ``model.named_modules()``); ``None`` (default)
-            means :func:`linear_layer_names`.
-
-    Raises:
-        ValueError: naming ``names`` when one is not a linear layer of ``model``.
-    """
-    modules = dict(model.named_modules())
-    names = linear_layer_names(model) if names is None else list(names)
-    masks = {}
-    for name in names:
-        if not isinstance(modules.get(name), PRUNABLE_TYPES):
-            raise ValueError(f"names must be module names of nn.Linear / Conv1D layers of the model, got {name!r}")
-        masks[name] = modules[name].weight.detach() != 0
-    return masks
+    return [name for name, module in model.named_modules() if is_prunable(module) and module is not head]
 
 
 def _jsonable(value: Any) -> Any:
@@ -95,8 +75,12 @@ def _measure(directory: Path, names: list[str]) -> dict[str, Any]:
             for name in file_names:
                 weight = f.get_tensor(f"{name}.weight")
                 zeros = int((weight == 0).sum())
-                layers[name] = {"shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
-                                "sparsity": zeros / weight.numel()}
+                layers[name] = {
+                    "shape": list(weight.shape),
+                    "numel": weight.numel(),
+                    "zeros": zeros,
+                    "sparsity": zeros / weight.numel(),
+                }
     layers = {name: layers[name] for name in names}
     numel = sum(layer["numel"] for layer in layers.values())
     zeros = sum(layer["zeros"] for layer in layers.values())
@@ -126,7 +110,7 @@ def save_pruned(
             converted to lists / numbers); ``None`` (default) records ``{}``.
         overwrite: replace an existing ``directory`` (default ``False``).
         state_dict: the weights to save instead of the model's own (e.g. gathered from ZeRO-3 partitions with
-            :func:`lightning_prune.zero.full_state_dict`); default None: ``model.state_dict()``.
+            :func:`lightning_prune.distributed.zero.full_state_dict`); default None: ``model.state_dict()``.
 
     Returns:
         The path of the saved directory.

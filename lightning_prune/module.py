@@ -8,36 +8,17 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
-from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from typing_extensions import override
 
+from . import structured  # noqa: F401  (registers the slimmed *_fasp model types, so FASP exports load)
+from .distributed.zero import outside_zero_init
 from .embedded import resolve_embedded
-from .zero import outside_zero_init
+from .evaluation import TokenPerplexity, token_nll
 
 #: Accepted ``dtype`` values: a torch floating dtype name, or ``"auto"`` (the dtype stored in the checkpoint).
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-
-#: Label value that excludes a position from the loss (padding), as in Hugging Face models.
-IGNORE_INDEX = -100
-
-
-def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-token negative log-likelihood of next-token prediction, in nats, computed in float32.
-
-    Args:
-        logits: ``[batch, seq_len, vocab]`` scores for the token that follows each position.
-        labels: ``[batch, seq_len]`` token ids; ``-100`` marks positions left out (padding). Position ``t`` of
-            ``logits`` is scored against ``labels[:, t + 1]``, the shift Hugging Face models apply to ``labels``.
-
-    Returns:
-        ``[n]`` NLL of every scored token (``n`` = number of non-ignored shifted labels), in batch-major order.
-    """
-    targets = labels[:, 1:].reshape(-1)
-    keep = targets != IGNORE_INDEX
-    scores = logits[:, :-1].reshape(-1, logits.shape[-1])[keep]
-    return F.cross_entropy(scores.float(), targets[keep], reduction="none")
 
 
 def _resolve_path(value: str, argument: str) -> str:
@@ -46,18 +27,6 @@ def _resolve_path(value: str, argument: str) -> str:
     if not isinstance(path, str):
         raise ValueError(f"{argument} must name a model, got the text files of {value!r}")
     return path
-
-
-class TokenPerplexity(MeanMetric):
-    """Perplexity over a stream of per-token NLL values: ``exp(sum(nll) / count)`` over every update (and rank).
-
-    ``update`` takes per-token NLL in nats, any shape, one value per token, so the result is token-weighted:
-    batches with more scored tokens count more, exactly as if all tokens had been scored in one pass.
-    """
-
-    @override
-    def compute(self) -> Tensor:
-        return torch.exp(super().compute())
 
 
 def _linear_warmup(step: int, warmup_steps: int) -> float:

@@ -98,3 +98,21 @@ def make_documents(num_documents: int, words_per_document: int, *, unique: bool 
             " ".join(f"w{d * words_per_document + i}" for i in range(words_per_document)) for d in range(num_documents)
         ]
     return [" ".join(f"w{rng.randrange(64)}" for _ in range(words_per_document)) for _ in range(num_documents)]
+
+
+class RecordedSteps:
+    """A progress hook (``begin(total)``, ``step(name, block_index, n_blocks, result)``) that records what a driver
+    reports and optionally calls ``on_step`` with the same arguments (e.g. to raise an error mid-run)."""
+
+    def __init__(self, on_step=None) -> None:
+        self.total = None
+        self.steps = []
+        self.on_step = on_step
+
+    def begin(self, total: int) -> None:
+        self.total = total
+
+    def step(self, name: str, block_index: int, n_blocks: int, result) -> None:
+        self.steps.append((name, block_index, n_blocks, result))
+        if self.on_step is not None:
+            self.on_step(name, block_index, n_blocks, result)

@@ -6,6 +6,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_prune.architectures import (
+    LayerSelection,
+    check_sequential_targets,
     default_sequential_targets,
     find_blocks,
     in_features,
@@ -102,7 +104,7 @@ def test_default_layers_of_a_block(tiny_model):
     ],
 )
 def test_targets_and_ignore(tiny_model, targets, ignore, expected):
-    layers = prunable_layers(tiny_model("llama").model.layers[0], "model.layers.0", targets, ignore)
+    layers = LayerSelection(targets, ignore).layers(tiny_model("llama").model.layers[0], "model.layers.0")
     assert list(layers) == [f"model.layers.0.{name}" for name in expected]
 
 
@@ -110,9 +112,9 @@ def test_targets_and_ignore(tiny_model, targets, ignore, expected):
     ("targets", "ignore", "argument"),
     [([1], None, "targets"), (None, ["re:("], "ignore"), (None, [""], "ignore"), (None, 3, "ignore")],
 )
-def test_bad_patterns(tiny_model, targets, ignore, argument):
+def test_bad_patterns(targets, ignore, argument):
     with pytest.raises(ValueError, match=argument):
-        prunable_layers(tiny_model("llama").model.layers[0], "model.layers.0", targets, ignore)
+        LayerSelection(targets, ignore)
 
 
 def test_default_sequential_groups(tiny_model):
@@ -133,16 +135,17 @@ def test_default_sequential_groups(tiny_model):
 
 def test_unmatched_layers_form_a_last_group(tiny_model):
     layers = prunable_layers(tiny_model("opt").model.decoder.layers[0], "model.decoder.layers.0")
-    groups = sequential_groups(layers, [["fc2"], "re:.*_proj"])
+    groups = sequential_groups(layers, check_sequential_targets([["fc2"], "re:.*_proj"]))
     assert [len(group) for group in groups] == [1, 4, 1]
     assert list(groups[2]) == ["model.decoder.layers.0.fc1"]
 
 
-def test_bad_sequential_targets(tiny_model):
-    layers = prunable_layers(tiny_model("llama").model.layers[0], "model.layers.0")
+def test_bad_sequential_targets():
     for bad in ("q_proj", 3, [[1]]):
         with pytest.raises(ValueError, match="sequential_targets"):
-            sequential_groups(layers, bad)
+            LayerSelection(true_sequential=True, sequential_targets=bad)
+    with pytest.raises(ValueError, match="only applies with true_sequential"):
+        LayerSelection(sequential_targets=[["q_proj"]])
     assert default_sequential_targets(_UnknownModel()) is None
 
 

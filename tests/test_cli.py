@@ -37,10 +37,14 @@ def no_pytest_argv(monkeypatch):
 
 def overrides(tiny, tmp_path):
     return [
-        "--model.model_name_or_path", tiny["model"],
-        "--data.train_files", tiny["train"],
-        "--data.val_files", tiny["val"],
-        "--data.cache_dir", str(tmp_path / "cache"),
+        "--model.model_name_or_path",
+        tiny["model"],
+        "--data.train_files",
+        tiny["train"],
+        "--data.val_files",
+        tiny["val"],
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
     ]
 
 
@@ -63,7 +67,6 @@ def test_recipe_runs_on_a_tiny_model_with_overrides_and_a_composed_config(tiny, 
         rows = list(csv.DictReader(f))
     assert any(row.get("prune/perplexity_after") for row in rows)
     assert any(row.get("prune/model.layers.1.mlp.down_proj/rel_error") for row in rows)
-
 
 
 def test_composed_config_swaps_the_method_as_the_readme_shows(tiny, tmp_path, monkeypatch):

@@ -113,7 +113,10 @@ def test_dataset_name_reads_a_datasets_directory_with_splits(tmp_path, tokenizer
     write_lines(tmp_path / "corpus" / "train.txt", docs[:8])
     write_lines(tmp_path / "corpus" / "validation.txt", docs[8:])
     dm = TextDataModule(
-        tokenizer_dir, dataset_name=str(tmp_path / "corpus"), val_split="validation", seq_len=7,
+        tokenizer_dir,
+        dataset_name=str(tmp_path / "corpus"),
+        val_split="validation",
+        seq_len=7,
         cache_dir=str(tmp_path / "cache"),
     )
     dm.setup("fit")

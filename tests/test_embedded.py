@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import pytest
 import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from lightning_prune import embedded
 
@@ -57,38 +56,6 @@ def test_token_windows_rejects_too_little_text_and_bad_arguments(tokenizer):
         embedded.token_windows(tokenizer, documents, seq_len=0, count=1)
     with pytest.raises(ValueError, match="count"):
         embedded.token_windows(tokenizer, documents, seq_len=4, count=1.5)
-
-
-def _tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-def test_perplexity_matches_the_model_loss_and_restores_the_training_flag():
-    model = _tiny_llama()
-    windows = torch.randint(0, 32, (5, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = math.exp(float(model.eval()(input_ids=windows, labels=windows).loss))
-    model.train()
-    assert embedded.perplexity(model, windows, batch_size=2) == pytest.approx(expected, rel=1e-5)
-    assert model.training
-    model.eval()
-    assert embedded.perplexity(model, windows, batch_size=5) == pytest.approx(expected, rel=1e-5)
-    assert not model.training
-
-
-def test_perplexity_rejects_bad_windows():
-    model = _tiny_llama()
-    with pytest.raises(ValueError, match="windows"):
-        embedded.perplexity(model, torch.zeros(3, 4))
-    with pytest.raises(ValueError, match="seq_len >= 2"):
-        embedded.perplexity(model, torch.zeros(3, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="batch_size"):
-        embedded.perplexity(model, torch.zeros(3, 4, dtype=torch.long), batch_size=0)
 
 
 def test_cache_root_follows_argument_then_environment(tmp_path, monkeypatch):

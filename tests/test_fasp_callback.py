@@ -10,7 +10,6 @@ from helpers import make_documents, make_tiny_causal_lm
 from lightning.pytorch import Callback, Trainer
 from transformers import AutoModelForCausalLM
 
-import lightning_prune  # noqa: F401  (registers the *_fasp model types)
 from lightning_prune.callbacks import ExportPrunedModelCallback, FASPPruningCallback
 from lightning_prune.cli import run
 from lightning_prune.data import TextDataModule
@@ -31,16 +30,28 @@ def datamodule(model_dir, tmp_path):
     train.write_text("\n".join(make_documents(40, 30, seed=1)) + "\n")
     val.write_text("\n".join(make_documents(10, 30, seed=2)) + "\n")
     return TextDataModule(
-        model_dir, train_files=str(train), val_files=str(val), seq_len=16, batch_size=4, calibration_samples=8,
+        model_dir,
+        train_files=str(train),
+        val_files=str(val),
+        seq_len=16,
+        batch_size=4,
+        calibration_samples=8,
         cache_dir=str(tmp_path / "cache"),
     )
 
 
 def fit(tmp_path, module, datamodule, callbacks, max_steps=0):
     Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
-        max_steps=max_steps, callbacks=callbacks,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        callbacks=callbacks,
     ).fit(module, datamodule=datamodule)
 
 
@@ -110,10 +121,23 @@ def test_the_recipe_runs_on_a_tiny_model(tmp_path, model_dir, datamodule, monkey
     train, val = tmp_path / "train.txt", tmp_path / "val.txt"  # written by the datamodule fixture
     small = tmp_path / "small.yaml"
     small.write_text("data:\n  seq_len: 16\n  batch_size: 4\n  calibration_samples: 8\n")
-    run([
-        "fit", "--config", RECIPE, "--config", str(small), "--model.model_name_or_path", model_dir,
-        "--data.train_files", str(train), "--data.val_files", str(val), "--data.cache_dir", str(tmp_path / "cache"),
-    ])
+    run(
+        [
+            "fit",
+            "--config",
+            RECIPE,
+            "--config",
+            str(small),
+            "--model.model_name_or_path",
+            model_dir,
+            "--data.train_files",
+            str(train),
+            "--data.val_files",
+            str(val),
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     record = load_sparsity_metadata(tmp_path / "pruned" / "smollm2-fasp-20")
     assert record["metadata"]["method"] == "fasp" and record["metadata"]["target_fraction"] == 0.2
     assert record["metadata"]["summary"]["removed_fraction"] >= 0.2

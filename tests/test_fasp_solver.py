@@ -29,7 +29,10 @@ def test_removing_a_unit_whose_column_is_zero_changes_nothing():
 def test_restoration_never_increases_the_error(ratio, score):
     W, H, _ = coupled_problem(seed=int(ratio * 100))
     result = fasp(W, H, ratio, score=score)
-    assert result.kept_columns.numel() == int(32 * (1 - ratio)) and result.weight.shape == (24, result.kept_columns.numel())
+    assert result.kept_columns.numel() == int(32 * (1 - ratio)) and result.weight.shape == (
+        24,
+        result.kept_columns.numel(),
+    )
     assert result.stats["rel_error"] <= result.stats["rel_error_before"]
     plain = fasp(W, H, ratio, score=score, restore=False)
     assert torch.equal(plain.weight, W[:, plain.kept_columns])
@@ -42,7 +45,9 @@ def test_restoration_is_the_least_squares_optimum():
     K = result.kept_columns
     optimum = torch.linalg.lstsq(X[:, K].double(), (X @ W.T).double()).solution.T
     full = lambda w: torch.zeros(W.shape, dtype=torch.float64).index_copy_(1, K, w.double())  # noqa: E731
-    assert relative_error(W, full(result.weight), H) == pytest.approx(relative_error(W, full(optimum), H), rel=1e-4, abs=1e-9)
+    assert relative_error(W, full(result.weight), H) == pytest.approx(
+        relative_error(W, full(optimum), H), rel=1e-4, abs=1e-9
+    )
 
 
 def test_gqa_units_are_removed_together_and_every_kv_head_keeps_the_same_count():

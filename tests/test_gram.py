@@ -74,7 +74,9 @@ def test_bad_batches(x, valid, argument):
 
 def test_float64_grams_do_not_depend_on_batch_order_or_on_a_split_into_summed_accumulators():
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(64, 48, generator=generator) * 10 ** torch.randn(1, 48, generator=generator) for _ in range(8)]
+    batches = [
+        torch.randn(64, 48, generator=generator) * 10 ** torch.randn(1, 48, generator=generator) for _ in range(8)
+    ]
     forward = GramAccumulator("layer", 48, dtype=torch.float64)
     for x in batches:
         forward.add(x)

@@ -24,8 +24,13 @@ def datamodule(tmp_path, model_dir):
     (tmp_path / "train.txt").write_text("\n".join(make_documents(40, 30, seed=1)))
     (tmp_path / "val.txt").write_text("\n".join(make_documents(4, 30, seed=2)))
     return TextDataModule(
-        model_dir, train_files=[str(tmp_path / "train.txt")], val_files=[str(tmp_path / "val.txt")],
-        seq_len=16, batch_size=2, calibration_samples=8, cache_dir=str(tmp_path / "cache"),
+        model_dir,
+        train_files=[str(tmp_path / "train.txt")],
+        val_files=[str(tmp_path / "val.txt")],
+        seq_len=16,
+        batch_size=2,
+        calibration_samples=8,
+        cache_dir=str(tmp_path / "cache"),
     )
 
 
@@ -61,8 +66,14 @@ class Recorder(Logger):
 
 def fit(module, datamodule, callbacks, tmp_path, ckpt_path=None, **kwargs):
     options = dict(
-        accelerator="cpu", max_steps=50, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, default_root_dir=str(tmp_path), enable_checkpointing=False, logger=False,
+        accelerator="cpu",
+        max_steps=50,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+        enable_checkpointing=False,
+        logger=False,
     )
     options.update(kwargs)
     trainer = Trainer(callbacks=callbacks, **options)
@@ -79,8 +90,14 @@ def test_adamw_weight_decay_bf16_and_clipping_cannot_revive_pruned_weights(tmp_p
     module = CausalLMModule(model_dir, learning_rate=1e-2, weight_decay=0.1)
     pruning, mask_callback, recorder = PrunesAtTrainStart(), SparsityMaskCallback(log_every_n_steps=10), Recorder()
     trainer = fit(
-        module, datamodule, [pruning, mask_callback], tmp_path, precision="bf16-mixed", gradient_clip_val=1.0,
-        accumulate_grad_batches=2, logger=recorder,
+        module,
+        datamodule,
+        [pruning, mask_callback],
+        tmp_path,
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        accumulate_grad_batches=2,
+        logger=recorder,
     )
     assert trainer.global_step == 50 and len(pruning.masks) == 2 * 7
     for name, values in pruned_weights(module, pruning.masks).items():

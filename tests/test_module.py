@@ -21,7 +21,10 @@ def model_dir(tmp_path_factory):
 
 def trainer(**kwargs):
     defaults = dict(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     return Trainer(**defaults, **kwargs)
@@ -54,8 +57,13 @@ def test_model_is_loaded_once_in_configure_model(model_dir):
     assert module.tokenizer_path == model_dir
     assert CausalLMModule(model_dir, tokenizer_name_or_path="tok").tokenizer_path == "tok"
     assert dict(module.hparams) == {
-        "model_name_or_path": model_dir, "dtype": "float32", "learning_rate": 1e-5, "weight_decay": 0.0,
-        "warmup_steps": 0, "betas": (0.9, 0.999), "tokenizer_name_or_path": model_dir,
+        "model_name_or_path": model_dir,
+        "dtype": "float32",
+        "learning_rate": 1e-5,
+        "weight_decay": 0.0,
+        "warmup_steps": 0,
+        "betas": (0.9, 0.999),
+        "tokenizer_name_or_path": model_dir,
     }
     half = CausalLMModule(model_dir, dtype="bfloat16")
     half.configure_model()

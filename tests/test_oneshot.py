@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import RecordedSteps
 
 from lightning_prune import oneshot
 from lightning_prune.solvers import check_mask
@@ -31,7 +32,11 @@ def test_mask_structure_and_overrides(tiny_model, calibration_batches):
         check_mask(report.mask, nm=(2, 4))
     model = tiny_model("llama")
     reports = oneshot(
-        model, calibration_batches(), "wanda", 0.5, sparsity_overrides={"down_proj": 0.75, "re:.*\\.0\\.self_attn\\.q_proj": 0.25},
+        model,
+        calibration_batches(),
+        "wanda",
+        0.5,
+        sparsity_overrides={"down_proj": 0.75, "re:.*\\.0\\.self_attn\\.q_proj": 0.25},
         solver_options={"per_row": False},
     )
     assert reports["model.layers.0.mlp.down_proj"].stats["sparsity"] == pytest.approx(0.75)
@@ -48,7 +53,7 @@ def test_mask_structure_and_overrides(tiny_model, calibration_batches):
         (dict(sparsity=None), "sparsity is required"),
         (dict(mask_structure="2:4", sparsity=0.7), "contradicts mask_structure"),
         (dict(mask_structure="5:4"), "nm="),
-        (dict(sparsity=0.5, sparsity_overrides={"down_proj": 1.0}), "sparsity must be in"),
+        (dict(sparsity=0.5, sparsity_overrides={"down_proj": 1.0}), r"sparsity_overrides\['down_proj'\] must be in"),
         (dict(sparsity=0.5, sparsity_overrides={"re:(": 0.5}), "invalid regex"),
         (dict(sparsity=0.5, solver_options={"rho": 1.0}), "has no option 'rho'"),
         (dict(sparsity=0.5, solver_options={"rho0": -1.0}), "rho0"),
@@ -79,20 +84,25 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path, tiny
     def crash_in_block_1(name, block_index, n_blocks, result):
         if block_index == 1:
             raise Interrupt
+
     with pytest.raises(Interrupt):
-        oneshot(model, calibration_batches(), method, 0.7, resume_dir=tmp_path / "run", progress=crash_in_block_1)
+        oneshot(
+            model,
+            calibration_batches(),
+            method,
+            0.7,
+            resume_dir=tmp_path / "run",
+            progress=RecordedSteps(crash_in_block_1),
+        )
     assert all(torch.equal(dense[name], p) for name, p in model.named_parameters())  # rolled back
     assert sorted(p.name for p in (tmp_path / "run").glob("block_*.pt")) == ["block_00000.pt"]
 
-    solved = []
-    reports = oneshot(
-        model, calibration_batches(), method, 0.7, resume_dir=tmp_path / "run",
-        progress=lambda name, block, n, result: solved.append((block, name)),
-    )
-    assert len(reports) == 14 and {block for block, _ in solved} == {0, 1}
+    steps = RecordedSteps()
+    reports = oneshot(model, calibration_batches(), method, 0.7, resume_dir=tmp_path / "run", progress=steps)
+    assert len(reports) == 14 and steps.total == 14 and {block for _, block, _, _ in steps.steps} == {0, 1}
     for (name, expected), (_, actual) in zip(reference.named_parameters(), model.named_parameters()):
         assert torch.equal(expected, actual), name
-    for name, report in reports.items():
+    for report in reports.values():
         check_mask(report.mask, 0.7)
 
 

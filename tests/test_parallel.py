@@ -1,5 +1,6 @@
 """Single-process checks of the multi-process pieces: task assignment, batch shares, a one-process group, the CPU
-DeepSpeed strategy's registration and which pruning callbacks accept ZeRO-3 (the 2-process runs are in test_zero3.py)."""
+DeepSpeed strategy's registration and which pruning callbacks accept ZeRO-3 (the 2-process runs are in
+test_zero3.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from lightning.pytorch import Trainer
 
 from lightning_prune import oneshot
 from lightning_prune.callbacks import FASPPruningCallback, SparseGPTPruningCallback
-from lightning_prune.parallel import DistributedPruningError, Processes
-from lightning_prune.strategies import REGISTERED_NAME, DeepSpeedCPUStrategy
+from lightning_prune.distributed.parallel import DistributedPruningError, Processes
+from lightning_prune.distributed.strategies import REGISTERED_NAME, DeepSpeedCPUStrategy
 
 
 def test_assign_gives_each_task_to_the_least_loaded_process_largest_first():
@@ -84,7 +85,7 @@ def test_gram_dtype_is_checked_by_name():
 def test_local_slices_of_a_padded_partition(monkeypatch):
     from types import SimpleNamespace
 
-    from lightning_prune import zero
+    from lightning_prune.distributed import zero
 
     # a ZeRO-3 parameter of 5 entries over 2 processes: partitions of 3, the last one padded with 1 entry
     parameter = SimpleNamespace(ds_id=0, ds_numel=5, ds_tensor=torch.tensor([4.0, 0.0, 7.0]))

@@ -36,11 +36,16 @@ def small_run(tiny, tmp_path):
         "trainer:\n  max_steps: 3\n  val_check_interval: 3\n  limit_val_batches: 2\n  precision: 32-true\n"
     )
     return [
-        "--config", str(small),
-        "--model.model_name_or_path", str(model),
-        "--data.train_files", str(folder / "train.txt"),
-        "--data.val_files", str(folder / "val.txt"),
-        "--data.cache_dir", str(tmp_path / "cache"),
+        "--config",
+        str(small),
+        "--model.model_name_or_path",
+        str(model),
+        "--data.train_files",
+        str(folder / "train.txt"),
+        "--data.val_files",
+        str(folder / "val.txt"),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
     ]
 
 
@@ -51,8 +56,9 @@ def test_every_method_file_has_been_found():
 @pytest.mark.parametrize("method", METHODS)
 def test_recipe_prunes_finetunes_and_exports_with_the_mask_kept(method, tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = run(["fit", "--config", str(FINETUNE / "base.yaml"), "--config", str(FINETUNE / method),
-                *small_run(tiny, tmp_path)])
+    cli = run(
+        ["fit", "--config", str(FINETUNE / "base.yaml"), "--config", str(FINETUNE / method), *small_run(tiny, tmp_path)]
+    )
     assert cli.trainer.global_step == 3
     (exported,) = [path for path in (tmp_path / "pruned").iterdir() if path.name.endswith("-finetuned")]
     record = load_sparsity_metadata(exported)

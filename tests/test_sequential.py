@@ -4,14 +4,33 @@ from copy import deepcopy
 
 import pytest
 import torch
+from helpers import RecordedSteps
 from torch import nn
 
-from lightning_prune.architectures import find_blocks, weight_view
+from lightning_prune.architectures import LayerSelection, find_blocks, weight_view
+from lightning_prune.calibration import CalibrationOptions
 from lightning_prune.sequential import prune_model
 from lightning_prune.solvers import PruneResult, check_mask, magnitude, wanda
 
-
 _IDS = torch.ones(1, 4, dtype=torch.long)
+
+
+def _prune(model, batches, solve, **options):
+    """``prune_model`` with the selection and calibration options given as keywords (as ``oneshot`` takes them)."""
+    selection = {
+        key: options.pop(key)
+        for key in ("targets", "ignore", "true_sequential", "sequential_targets")
+        if key in options
+    }
+    calibration = {key: options.pop(key) for key in ("offload", "gram_dtype") if key in options}
+    return prune_model(
+        model,
+        batches,
+        solve,
+        selection=LayerSelection(**selection),
+        calibration=CalibrationOptions(**calibration),
+        **options,
+    )
 
 
 def _wanda_half(name, weight, gram, tokens):
@@ -71,7 +90,7 @@ def test_every_targeted_layer_reaches_the_sparsity_and_nothing_else_moves(family
     model = tiny_model(family).train()
     model.config.use_cache = True
     dense = deepcopy(model)
-    reports = prune_model(model, calibration_batches(), _wanda_half)
+    reports = _prune(model, calibration_batches(), _wanda_half)
 
     path, blocks = find_blocks(model)
     modules = dict(model.named_modules())
@@ -97,7 +116,7 @@ def test_block_inputs_are_the_outputs_of_the_pruned_previous_block(family, tiny_
     dense = deepcopy(model)
     batches = calibration_batches()
     recorder = _Recorder()
-    prune_model(model, batches, recorder)
+    _prune(model, batches, recorder)
 
     path, blocks = find_blocks(model)
     first = [name for name in recorder.grams if name.startswith(f"{path}.0.")]
@@ -119,7 +138,7 @@ def test_the_model_arguments_reach_every_block(family, tiny_model, calibration_b
     seen = []
     block = find_blocks(model)[1][1]
     handle = block.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
-    prune_model(model, calibration_batches(), _wanda_half)
+    _prune(model, calibration_batches(), _wanda_half)
     handle.remove()
     assert len(seen) == 2  # one gram pass over two batches; the last block is not re-run
     args, kwargs = seen[0]
@@ -138,8 +157,8 @@ def test_padding_tokens_are_excluded_from_grams(tiny_model):
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
     padded, unpadded = _Recorder(), _Recorder()
-    prune_model(tiny_model("llama"), [{"input_ids": ids, "attention_mask": mask}], padded)
-    prune_model(tiny_model("llama"), [ids[:1], ids[1, :8]], unpadded)
+    _prune(tiny_model("llama"), [{"input_ids": ids, "attention_mask": mask}], padded)
+    _prune(tiny_model("llama"), [ids[:1], ids[1, :8]], unpadded)
     assert padded.grams.keys() == unpadded.grams.keys()
     for name, gram in padded.grams.items():
         torch.testing.assert_close(gram, unpadded.grams[name], rtol=1e-4, atol=1e-4, msg=name)
@@ -149,9 +168,7 @@ def test_padding_tokens_are_excluded_from_grams(tiny_model):
 def test_targets_and_ignore_select_layers(tiny_model, calibration_batches):
     model = tiny_model("llama")
     dense = deepcopy(model)
-    reports = prune_model(
-        model, calibration_batches(), _wanda_half, targets=["Linear"], ignore=["re:.*mlp\\..*", "k_proj"]
-    )
+    reports = _prune(model, calibration_batches(), _wanda_half, targets=["Linear"], ignore=["re:.*mlp\\..*", "k_proj"])
     kept = sorted(name.split(".", 3)[3] for name in reports)
     assert kept == sorted(["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj"] * 2)
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj", "lm_head", "model.embed_tokens"):
@@ -162,7 +179,7 @@ def test_later_blocks_are_not_run_when_nothing_there_is_targeted(tiny_model, cal
     model = tiny_model("opt")
     calls = []
     model.model.decoder.layers[1].register_forward_hook(lambda *args: calls.append(1))
-    reports = prune_model(model, calibration_batches(), _wanda_half, targets=["re:.*layers\\.0\\.fc.*"])
+    reports = _prune(model, calibration_batches(), _wanda_half, targets=["re:.*layers\\.0\\.fc.*"])
     assert list(reports) == ["model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2"]
     assert not calls
 
@@ -176,7 +193,7 @@ def test_gpt2_conv1d_weights_are_transposed_both_ways(tiny_model, calibration_ba
         return magnitude(weight, gram, 0.75)
 
     before = {name: module.weight.detach().clone() for name, module in model.named_modules() if hasattr(module, "nf")}
-    reports = prune_model(model, calibration_batches(), solve)
+    reports = _prune(model, calibration_batches(), solve)
     for name, report in reports.items():
         weight, gram_shape = received[name]
         raw = model.get_submodule(name).weight
@@ -195,8 +212,8 @@ def test_true_sequential_solves_groups_in_order_on_pruned_state(tiny_model, cali
         order.append(name.rsplit(".", 1)[1])
         return true_seq(name, weight, gram, tokens)
 
-    prune_model(tiny_model("llama"), calibration_batches(), solve, true_sequential=True)
-    prune_model(tiny_model("llama"), calibration_batches(), plain)
+    _prune(tiny_model("llama"), calibration_batches(), solve, true_sequential=True)
+    _prune(tiny_model("llama"), calibration_batches(), plain)
     assert order[:7] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     first = "model.layers.0."
     torch.testing.assert_close(true_seq.grams[first + "self_attn.q_proj"], plain.grams[first + "self_attn.q_proj"])
@@ -212,8 +229,8 @@ def test_explicit_sequential_targets_and_options(tiny_model, calibration_batches
         received.append(gram.dtype)
         return magnitude(weight, gram, 0.5)
 
-    progress = []
-    prune_model(
+    steps = RecordedSteps()
+    _prune(
         tiny_model("gpt2"),
         calibration_batches(),
         solve,
@@ -221,15 +238,16 @@ def test_explicit_sequential_targets_and_options(tiny_model, calibration_batches
         sequential_targets=[["c_fc"], ["c_attn"]],
         offload=None,
         gram_dtype=torch.float64,
-        progress=lambda *args: progress.append(args),
+        progress=steps,
     )
     assert order[:4] == ["c_fc", "c_attn", "c_proj", "c_proj"]
     assert set(received) == {torch.float64}
-    assert [(name.rsplit(".", 1)[1], index, total) for name, index, total, _ in progress[:2]] == [
+    assert steps.total == 8
+    assert [(name.rsplit(".", 1)[1], index, total) for name, index, total, _ in steps.steps[:2]] == [
         ("c_fc", 0, 2),
         ("c_attn", 0, 2),
     ]
-    assert all(isinstance(result, PruneResult) for *_, result in progress)
+    assert all(isinstance(result, PruneResult) for *_, result in steps.steps)
 
 
 class _Block(nn.Module):
@@ -259,7 +277,7 @@ def test_unknown_model_with_keyword_hidden_states_and_tuple_outputs(calibration_
     torch.manual_seed(0)
     model = _CustomLM()
     recorder = _Recorder()
-    reports = prune_model(model, calibration_batches(), recorder)
+    reports = _prune(model, calibration_batches(), recorder)
     assert list(reports) == ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]
     hybrid = _CustomLM()
     hybrid.load_state_dict(model.state_dict())
@@ -267,7 +285,7 @@ def test_unknown_model_with_keyword_hidden_states_and_tuple_outputs(calibration_
     by_hand = _grams_by_forward(hybrid, calibration_batches(), ["blocks.2.fc"])
     torch.testing.assert_close(recorder.grams["blocks.2.fc"].double(), by_hand["blocks.2.fc"], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="sequential_targets"):
-        prune_model(model, calibration_batches(), recorder, true_sequential=True)
+        _prune(model, calibration_batches(), recorder, true_sequential=True)
 
 
 def test_a_failing_solve_leaves_the_model_unchanged(tiny_model, calibration_batches):
@@ -282,7 +300,7 @@ def test_a_failing_solve_leaves_the_model_unchanged(tiny_model, calibration_batc
         return magnitude(weight, gram, 0.9)
 
     with pytest.raises(RuntimeError, match="solver failed"):
-        prune_model(model, calibration_batches(), solve)
+        _prune(model, calibration_batches(), solve)
     assert len(calls) == 10
     _assert_same_state(model, dense)
     _assert_no_hooks(model)
@@ -295,7 +313,7 @@ def test_nan_activations_leave_the_model_unchanged(tiny_model, calibration_batch
         model.model.layers[1].input_layernorm.weight[0] = float("nan")
     dense = deepcopy(model)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj.*NaN"):
-        prune_model(model, calibration_batches(), _wanda_half)
+        _prune(model, calibration_batches(), _wanda_half)
     _assert_same_state(model, dense)
     _assert_no_hooks(model)
 
@@ -312,7 +330,7 @@ def test_bad_solver_results_leave_the_model_unchanged(tiny_model, calibration_ba
     model = tiny_model("llama")
     dense = deepcopy(model)
     with pytest.raises(ValueError, match=match):
-        prune_model(model, calibration_batches(), lambda name, weight, gram, tokens: result(weight.clone()))
+        _prune(model, calibration_batches(), lambda name, weight, gram, tokens: result(weight.clone()))
     _assert_same_state(model, dense)
 
 
@@ -339,7 +357,7 @@ def test_bad_arguments_change_nothing(tiny_model, calibration_batches, kwargs, m
     dense = deepcopy(model)
     arguments = dict(batches=calibration_batches(), solve=_wanda_half) | kwargs
     with pytest.raises(ValueError, match=match):
-        prune_model(model, arguments.pop("batches"), arguments.pop("solve"), **arguments)
+        _prune(model, arguments.pop("batches"), arguments.pop("solve"), **arguments)
     _assert_same_state(model, dense)
     _assert_no_hooks(model)
 
@@ -348,7 +366,7 @@ def test_blocks_with_different_attention_kinds_are_refused(tiny_model):
     model = tiny_model("qwen2")
     model.config.layer_types = ["full_attention", "sliding_attention"]
     with pytest.raises(ValueError, match="layer_types"):
-        prune_model(model, [torch.ones(1, 4, dtype=torch.long)], _wanda_half)
+        _prune(model, [torch.ones(1, 4, dtype=torch.long)], _wanda_half)
 
 
 def test_low_precision_model_gets_fp32_grams_and_keeps_its_dtype(tiny_model, calibration_batches):
@@ -359,7 +377,7 @@ def test_low_precision_model_gets_fp32_grams_and_keeps_its_dtype(tiny_model, cal
         dtypes.append((weight.dtype, gram.dtype))
         return wanda(weight, gram, 0.5)
 
-    reports = prune_model(model, calibration_batches(), solve)
+    reports = _prune(model, calibration_batches(), solve)
     assert set(dtypes) == {(torch.bfloat16, torch.float32)}
     for name, report in reports.items():
         weight = model.get_submodule(name).weight

@@ -6,8 +6,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-import lightning_prune  # noqa: F401  (registers the *_fasp model types)
-from lightning_prune import slim_models
+from lightning_prune.structured import models as slim_models  # importing the package registers the *_fasp types
 
 WIDTHS = {"attention": [5, 3], "mlp": [40, 24]}
 
@@ -16,8 +15,11 @@ def fasp_config(family, **overrides):
     common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, fasp_widths=WIDTHS)
     if family == "opt":
         return slim_models.OPTFaspConfig(ffn_dim=64, word_embed_proj_dim=32, **{**common, **overrides})
-    config_class = {"llama": slim_models.LlamaFaspConfig, "qwen2": slim_models.Qwen2FaspConfig,
-                    "mistral": slim_models.MistralFaspConfig}[family]
+    config_class = {
+        "llama": slim_models.LlamaFaspConfig,
+        "qwen2": slim_models.Qwen2FaspConfig,
+        "mistral": slim_models.MistralFaspConfig,
+    }[family]
     return config_class(intermediate_size=64, num_key_value_heads=2, **{**common, **overrides})
 
 

@@ -220,12 +220,24 @@ def test_bad_tensors_raise(method):
 
 def test_solver_specific_options_raise():
     W, H = correlated_problem()
-    for kwargs, name in [(dict(rho0=0), "rho0"), (dict(max_iter=0), "max_iter"), (dict(cg_iter=-1), "cg_iter"),
-                         (dict(update_every=1.5), "update_every"), (dict(damp=-1.0), "damp")]:
+    for kwargs, name in [
+        (dict(rho0=0), "rho0"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(cg_iter=-1), "cg_iter"),
+        (dict(update_every=1.5), "update_every"),
+        (dict(damp=-1.0), "damp"),
+        (dict(rho0=float("inf")), "rho0 must be a finite number > 0"),
+        (dict(damp=float("nan")), "damp must be a finite number >= 0"),
+        (dict(per_row="no"), "per_row must be True or False"),
+    ]:
         with pytest.raises(ValueError, match=name):
             alps(W, H, 0.5, **kwargs)
     with pytest.raises(ValueError, match="blocksize"):
-        sparsegpt(W, H, nm="2:4", blocksize=6)
+        sparsegpt(W, H, nm="2:4", blocksize=0)
+    with pytest.raises(ValueError, match="per_row must be True or False"):
+        wanda(W, H, 0.5, per_row=1)
+    # with N:M the lazy-update block is rounded down to a multiple of m, so any blocksize serves any pattern
+    check_mask(sparsegpt(W, H, nm="2:4", blocksize=6).mask, nm=(2, 4))
     assert magnitude(W, None, 0.5).stats["rel_error"] is None
     with pytest.raises(ValueError, match="gram must be"):
         wanda(W, None, 0.5)

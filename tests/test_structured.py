@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from helpers import RecordedSteps
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-import lightning_prune  # registers the *_fasp model types
+import lightning_prune
 from lightning_prune.architectures import attention_heads, find_blocks, value_units
-from lightning_prune.sequential import calibration_mode, capture_block_inputs, collect_grams, propagate
+from lightning_prune.calibration import calibration_mode, capture_block_inputs, collect_grams, propagate
 from lightning_prune.solvers import fasp
 from lightning_prune.structured import decoder_linear_parameters, fasp_prune, removed_parameters, resolve_ratios
 
@@ -90,8 +91,9 @@ def _mask_rows(layer, kept):
 
 
 @pytest.mark.parametrize("family", STRUCTURED)
-def test_parameter_count_matches_the_formula_and_reload_gives_equal_logits(family, tiny_model, calibration_batches,
-                                                                           tmp_path):
+def test_parameter_count_matches_the_formula_and_reload_gives_equal_logits(
+    family, tiny_model, calibration_batches, tmp_path
+):
     model = tiny_model(family)
     ratios = resolve_ratios(model, 0.5)
     predicted = removed_parameters(model, ratios)
@@ -174,7 +176,8 @@ def test_target_fraction_is_reached_with_the_smallest_ratio(tiny_model, calibrat
     assert report.removed_fraction >= 0.2
     fixed = resolve_ratios(tiny_model("llama"), target_fraction=0.2, group_ratios={"attention": 0.0})
     assert {k: v for k, v in fixed.items() if "attention" in k} == {
-        "model.layers.0.attention": 0.0, "model.layers.1.attention": 0.0
+        "model.layers.0.attention": 0.0,
+        "model.layers.1.attention": 0.0,
     }
     assert fixed["model.layers.0.mlp"] > ratio
 
@@ -226,7 +229,7 @@ def test_a_failure_leaves_the_model_unchanged(fail_at, tiny_model, calibration_b
             raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
-        fasp_prune(model, calibration_batches(), 0.5, progress=progress)
+        fasp_prune(model, calibration_batches(), 0.5, progress=RecordedSteps(progress))
     assert dict(model.named_modules()) == modules
     assert all(type(m) is type(modules[n]) for n, m in model.named_modules())
     assert model.config.to_dict() == config and not hasattr(model.config, "fasp_widths")
@@ -279,8 +282,9 @@ def test_replayed_groups_feed_the_next_block_as_the_real_pruned_block_does(famil
         inputs = capture_block_inputs(reference, reference_blocks[0], calibration_batches(), "cpu")
         propagate(inputs, reference_blocks[0], torch.device("cpu"), "cpu")
         gram = collect_grams(reference_blocks[1], {"o": o_proj}, inputs, torch.device("cpu"), torch.float32)["o"]
-    expected = fasp(o_proj.weight, gram.H, 0.5, units=value_units(num_heads, num_kv_heads, head_dim),
-                    units_per_block=head_dim)
+    expected = fasp(
+        o_proj.weight, gram.H, 0.5, units=value_units(num_heads, num_kv_heads, head_dim), units_per_block=head_dim
+    )
     got = report.groups[f"{path}.1.attention"]
     assert torch.equal(got.kept_units, expected.kept_units)
     assert got.stats["rel_error"] == pytest.approx(expected.stats["rel_error"], rel=1e-4)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import zero3_worker
 from helpers import make_documents, make_tiny_causal_lm
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import zero3_worker
 from lightning_prune import oneshot
 
 WORKER = Path(__file__).with_name("zero3_worker.py")
@@ -38,8 +38,13 @@ def _run_processes(arguments: list[str], cwd: Path | None = None) -> None:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lightning_prune" / "torch_extensions"))
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={PROCESSES}", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", *arguments,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={PROCESSES}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        *arguments,
     ]
     done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{arguments} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -71,9 +76,7 @@ def _pruned_masks(workdir: Path) -> dict[str, torch.Tensor]:
 def test_two_ranks_prune_exactly_like_one_process(workdir):
     batches = list(zero3_worker.datamodule(workdir).calibration_dataloader())
     model = AutoModelForCausalLM.from_pretrained(workdir / "model")
-    reports = oneshot(
-        model, batches, "alps", zero3_worker.SPARSITY, gram_dtype=getattr(torch, zero3_worker.GRAM_DTYPE)
-    )
+    reports = oneshot(model, batches, "alps", zero3_worker.SPARSITY, gram_dtype=getattr(torch, zero3_worker.GRAM_DTYPE))
     pruned = torch.load(workdir / "pruned.pt", weights_only=False)
     assert len(reports) == 14 and set(pruned["masks"]) == set(reports)
     for name, report in reports.items():
@@ -152,9 +155,21 @@ def test_zero3_recipe_runs_with_two_cpu_processes(tmp_path):
     )
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "deepspeed" / "alps-70-zero3.yaml"
     arguments = [
-        "-m", "lightning_prune", "fit", "--config", str(recipe), "--config", str(small),
-        "--model.model_name_or_path", str(tmp_path / "model"), "--data.train_files", str(tmp_path / "train.txt"),
-        "--data.val_files", str(tmp_path / "val.txt"), "--data.cache_dir", str(tmp_path / "cache"),
+        "-m",
+        "lightning_prune",
+        "fit",
+        "--config",
+        str(recipe),
+        "--config",
+        str(small),
+        "--model.model_name_or_path",
+        str(tmp_path / "model"),
+        "--data.train_files",
+        str(tmp_path / "train.txt"),
+        "--data.val_files",
+        str(tmp_path / "val.txt"),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
     ]
     _run_processes(arguments, cwd=tmp_path)
     record = json.loads((tmp_path / "pruned" / "smollm2-alps-70-zero3-finetuned" / "sparsity.json").read_text())

@@ -17,7 +17,7 @@ Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/zero3_worker.p
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,10 +27,10 @@ from lightning.pytorch import Callback, Trainer
 
 from lightning_prune.callbacks import ALPSPruningCallback, ExportPrunedModelCallback, SparsityMaskCallback
 from lightning_prune.data import TextDataModule
+from lightning_prune.distributed.strategies import DeepSpeedCPUStrategy
+from lightning_prune.distributed.zero import full_state_dict
 from lightning_prune.module import CausalLMModule
-from lightning_prune.solvers import SOLVERS
-from lightning_prune.strategies import DeepSpeedCPUStrategy
-from lightning_prune.zero import full_state_dict
+from lightning_prune.solvers import METHODS
 
 CALIBRATION = dict(seq_len=16, batch_size=2, calibration_samples=8, seed=0)  # 4 calibration batches
 SPARSITY = 0.5
@@ -110,15 +110,14 @@ def resume(workdir: Path) -> None:
 
 
 def error(workdir: Path) -> None:
-    alps = SOLVERS["alps"]
+    alps = METHODS["alps"]
 
-    @functools.wraps(alps)  # same signature: the callback checks options against it
-    def failing_on_rank1(weight, gram, sparsity=None, **options):
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1 and weight.shape[0] > 2:
-            raise RuntimeError("injected failure")  # the 2 x m probe at construction passes
-        return alps(weight, gram, sparsity, **options)
+    def failing_on_rank1(weight, gram, sparsity, nm, options):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            raise RuntimeError("injected failure")
+        return alps.solve(weight, gram, sparsity, nm, options)
 
-    SOLVERS["alps"] = failing_on_rank1
+    METHODS["alps"] = dataclasses.replace(alps, solve=failing_on_rank1)
     module = _module(workdir)
     pruning = ALPSPruningCallback(sparsity=SPARSITY, gram_dtype=GRAM_DTYPE)
     trainer = _trainer(5, [pruning, ExportPrunedModelCallback(str(workdir / "export"))])

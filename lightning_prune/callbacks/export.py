@@ -11,9 +11,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from transformers import PreTrainedModel
 from typing_extensions import override
 
+from ..distributed.zero import any_partitioned, full_state_dict
 from ..export import save_pruned
-from ..zero import any_partitioned, full_state_dict
-from .pruning import PruningCallback
+from .base import PruningCallback
 
 
 class ExportPrunedModelCallback(Callback):

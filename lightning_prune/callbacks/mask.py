@@ -10,11 +10,19 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from ..architectures import PRUNABLE_TYPES, out_in_view
+from ..architectures import is_prunable, out_in_view
+from ..distributed.parallel import Processes
+from ..distributed.zero import (
+    count_local,
+    full_shape,
+    gathered,
+    is_partitioned,
+    local_slice,
+    mask_local_,
+    mask_local_grad_,
+)
 from ..export import SPARSITY_FILE, load_sparsity_metadata
 from ..masks import pack_mask, unpack_mask
-from ..parallel import Processes
-from ..zero import count_local, full_shape, gathered, is_partitioned, local_slice, mask_local_, mask_local_grad_
 
 SOURCES = ("auto", "pruning", "metadata", "zeros")
 
@@ -54,8 +62,8 @@ class SparsityMaskCallback(Callback):
     Note:
         Under DeepSpeed ZeRO stage 3 each process masks only its own partitions, without communication: the
         gradient partition before the optimizer step, the weight partition and the fp32 master partition after
-        each batch (:mod:`lightning_prune.zero`). :meth:`measure` then sums the counts over processes, so every
-        process must call it.
+        each batch (:mod:`lightning_prune.distributed.zero`). :meth:`measure` then sums the counts over processes,
+        so every process must call it.
 
     Note:
         Layers are addressed by name inside ``pl_module.model`` (the Hugging Face model of
@@ -134,7 +142,7 @@ class SparsityMaskCallback(Callback):
                 )
             layers = load_sparsity_metadata(directory)["measured"]["layers"]
             return {name: _zeros_of(root.get_submodule(name)) for name, entry in layers.items() if entry["zeros"]}
-        kept = {name: _zeros_of(module) for name, module in root.named_modules() if isinstance(module, PRUNABLE_TYPES)}
+        kept = {name: _zeros_of(module) for name, module in root.named_modules() if is_prunable(module)}
         masks = {name: mask for name, mask in kept.items() if not bool(mask.all())}
         if not masks:
             raise ValueError("source='zeros': no linear layer of the model has a zero weight")
@@ -198,7 +206,8 @@ def _root(pl_module: LightningModule) -> nn.Module:
 
 
 def _zeros_of(module: nn.Module) -> torch.Tensor:
-    """bool ``[out, in]`` on the CPU, True where the weight is nonzero (gathered under ZeRO-3: every process calls it)."""
+    """bool ``[out, in]`` on the CPU, True where the weight is nonzero (gathered under ZeRO-3: every process calls
+    it)."""
     with gathered([module.weight]):
         return (out_in_view(module, module.weight.detach()) != 0).cpu()
 

@@ -1,19 +1,42 @@
 """Pure-tensor layer solvers: ``f(weight [out, in], gram [in, in], sparsity=None, *, nm=None, **options)``.
 
 Each returns a :class:`PruneResult` (new weight, bool mask of kept entries, stats). See
-:mod:`lightning_prune.solvers.patterns` for the sparsity semantics. :func:`fasp` is the structured counterpart: it
-removes whole input columns of a layer (with the rows of the earlier layers feeding them) and returns a
-:class:`ColumnPruneResult`.
+:mod:`lightning_prune.solvers.patterns` for the sparsity semantics and :data:`METHODS` for each method's options
+class. :func:`fasp` is the structured counterpart: it removes whole input columns of a layer (with the rows of the
+earlier layers feeding them) and returns a :class:`ColumnPruneResult`. Nothing here imports Lightning or
+transformers.
 """
 
-from .alps import alps
-from .fasp import ColumnPruneResult, fasp, kept_count
-from .magnitude import magnitude
+from .alps import ALPSOptions, alps
+from .fasp import ColumnPruneResult, FASPOptions, fasp, units_kept
+from .magnitude import MagnitudeOptions, magnitude
+from .methods import METHODS, Method
 from .patterns import check_mask, parse_nm, select_mask
 from .result import PruneResult
-from .sparsegpt import sparsegpt
-from .wanda import wanda
+from .sparsegpt import SparseGPTOptions, sparsegpt
+from .wanda import WandaOptions, wanda
 
-SOLVERS = {"alps": alps, "sparsegpt": sparsegpt, "wanda": wanda, "magnitude": magnitude}
+#: ``{name: public solver function}`` of the one-shot methods.
+SOLVERS = {name: method.function for name, method in METHODS.items()}
 
-__all__ = ["SOLVERS", "ColumnPruneResult", "PruneResult", "alps", "fasp", "check_mask", "kept_count", "magnitude", "parse_nm", "select_mask", "sparsegpt", "wanda"]
+__all__ = [
+    "ALPSOptions",
+    "ColumnPruneResult",
+    "FASPOptions",
+    "METHODS",
+    "MagnitudeOptions",
+    "Method",
+    "PruneResult",
+    "SOLVERS",
+    "SparseGPTOptions",
+    "WandaOptions",
+    "alps",
+    "check_mask",
+    "fasp",
+    "magnitude",
+    "parse_nm",
+    "select_mask",
+    "sparsegpt",
+    "units_kept",
+    "wanda",
+]

@@ -17,8 +17,9 @@ iteration: ``DQ = D Q`` and ``B = Z Qᵀ``.
 
 ρ schedule: every ``update_every`` iterations look at the support change c, the number of entries that entered the
 support summed over the iterations since the previous check (summing step by step, rather than comparing with the
-support ``update_every`` iterations ago, also counts a support that oscillates and comes back); c > 0.1k → ρ×1.3, c > 0.005k → ρ×1.2, c ≥ 1 → ρ×1.1, c = 0 → stop. If the support has not
-moved at the first check while ρ was never raised, ρ started too large: ρ₀ /= 5 and restart.
+support ``update_every`` iterations ago, also counts a support that oscillates and comes back); c > 0.1k → ρ×1.3,
+c > 0.005k → ρ×1.2, c ≥ 1 → ρ×1.1, c = 0 → stop. If the support has not moved at the first check while ρ was never
+raised, ρ started too large: ρ₀ /= 5 and restart.
 
 Refit: with the support fixed, conjugate gradient on ``B H' = G`` restricted to the support, all rows at once with
 per-row step sizes. In the original coordinates this is CG preconditioned by ``diag(H)`` (Jacobi).
@@ -28,37 +29,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .objective import damped_gram, dead_inputs, relative_error
-from .patterns import Projector, achieved_sparsity, check_problem
+from .options import SolverOptions, check_flag, check_int, check_real
+from .patterns import NM, Projector, achieved_sparsity, check_layer, check_pattern
 from .result import PruneResult
 
 MAX_RESTARTS = 5
 
+#: Working precisions accepted for the ADMM iterations.
+ALPS_DTYPES = (torch.float32, torch.float64)
 
-def alps(
-    weight: torch.Tensor,
-    gram: torch.Tensor,
-    sparsity: float | None = None,
-    *,
-    nm: str | Sequence[int] | None = None,
-    rho0: float = 0.1,
-    max_iter: int = 300,
-    update_every: int = 3,
-    cg_iter: int = 10,
-    damp: float = 0.01,
-    per_row: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> PruneResult:
-    """Prune ``weight`` by ALPS.
 
-    Args:
-        weight: ``[out, in]``, any float dtype and device; not modified.
-        gram: ``H = XᵀX [in, in]`` summed over calibration tokens; not modified.
-        sparsity: fraction of weights removed, in [0, 1).
-        nm: ``"n:m"`` or ``(n, m)``: n kept of every m consecutive inputs per row (``"2:4"``).
+@dataclass(frozen=True)
+class ALPSOptions(SolverOptions):
+    """Options of :func:`alps`, checked when built.
+
+    Attributes:
         rho0: initial ADMM penalty ρ, in units of the scaled gram's unit diagonal (default 0.1).
         max_iter: cap on ADMM iterations (default 300).
         update_every: iterations between support-change checks and ρ updates (default 3).
@@ -67,17 +57,63 @@ def alps(
             damped, scaled gram is still numerically singular.
         per_row: compare weights within each output row instead of over the whole layer (default False).
         dtype: working precision of the iterations (default float32); the eigendecomposition is done in float64.
+    """
+
+    rho0: float = 0.1
+    max_iter: int = 300
+    update_every: int = 3
+    cg_iter: int = 10
+    damp: float = 0.01
+    per_row: bool = False
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        check_real("rho0", self.rho0, positive=True)
+        check_int("max_iter", self.max_iter, 1)
+        check_int("update_every", self.update_every, 1)
+        check_int("cg_iter", self.cg_iter, 0)
+        check_real("damp", self.damp)
+        check_flag("per_row", self.per_row)
+        if self.dtype not in ALPS_DTYPES:
+            raise ValueError(f"dtype must be one of {ALPS_DTYPES}, got {self.dtype!r}")
+
+
+def alps(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float | None = None,
+    *,
+    nm: str | Sequence[int] | None = None,
+    **options: object,
+) -> PruneResult:
+    """Prune ``weight`` by ALPS.
+
+    Args:
+        weight: ``[out, in]``, any float dtype and device; not modified.
+        gram: ``H = XᵀX [in, in]`` summed over calibration tokens; not modified.
+        sparsity: fraction of weights removed, in [0, 1).
+        nm: ``"n:m"`` or ``(n, m)``: n kept of every m consecutive inputs per row (``"2:4"``).
+        **options: the fields of :class:`ALPSOptions`: ``rho0``, ``max_iter``, ``update_every``, ``cg_iter``,
+            ``damp``, ``per_row``, ``dtype``.
 
     Returns:
         :class:`PruneResult` with ``stats``: ``rel_error``, ``rel_error_admm`` (before the refit), ``iterations``,
         ``rho`` (final), ``support_changes`` (c at each check), ``restarts``, ``damp``, ``spectral_shift`` (added to
         the scaled gram's diagonal when it was singular even after damping; normally 0), ``seconds``.
     """
-    sparsity, nm = check_problem(weight, gram, sparsity, nm)
-    _check_options(rho0, max_iter, update_every, cg_iter)
-    start = time.perf_counter()
+    sparsity, nm = check_pattern(sparsity, nm)
+    return solve_alps(weight, gram, sparsity, nm, ALPSOptions(**options))
 
-    H, _ = damped_gram(gram, damp)
+
+def solve_alps(
+    weight: torch.Tensor, gram: torch.Tensor, sparsity: float | None, nm: NM | None, options: ALPSOptions
+) -> PruneResult:
+    """:func:`alps` with the pattern and options already checked (only the layer's tensors are checked here)."""
+    check_layer(weight, gram, nm)
+    start = time.perf_counter()
+    dtype = options.dtype
+
+    H, _ = damped_gram(gram, options.damp)
     s = torch.diagonal(H).sqrt()
     H_scaled = H / torch.outer(s, s)
     mu, Q = torch.linalg.eigh(H_scaled)
@@ -91,16 +127,18 @@ def alps(
     B0[:, dead_inputs(gram)] = 0  # they cannot affect the objective: score them lowest so they are pruned first
     G = B0 @ H_scaled
 
-    projector = Projector(B0.shape, sparsity, nm, per_row)
+    projector = Projector(B0.shape, sparsity, nm, options.per_row)
 
     def project(U: torch.Tensor) -> torch.Tensor:
         return projector(U.abs())
 
-    D, mask, history, rho, iterations, restarts = _admm(G @ Q, Q, mu, B0, project, rho0, max_iter, update_every)
+    D, mask, history, rho, iterations, restarts = _admm(
+        G @ Q, Q, mu, B0, project, options.rho0, options.max_iter, options.update_every
+    )
     new_weight = (D / s).to(weight.dtype)
     error_admm = error = relative_error(weight, new_weight, gram)
-    if cg_iter:
-        refit = (_refit(D, mask, G, H_scaled, cg_iter) / s).to(weight.dtype)
+    if options.cg_iter:
+        refit = (_refit(D, mask, G, H_scaled, options.cg_iter) / s).to(weight.dtype)
         refit_error = relative_error(weight, refit, gram)
         if refit_error <= error:  # CG descends in the damped H'-norm; keep the ADMM result if round-off says no
             new_weight, error = refit, refit_error
@@ -114,7 +152,7 @@ def alps(
         "rho": rho,
         "support_changes": history,
         "restarts": restarts,
-        "damp": damp,
+        "damp": options.damp,
         "spectral_shift": shift,
     }
     return PruneResult(new_weight, mask, stats)
@@ -183,11 +221,3 @@ def _refit(B, mask, G, H, iterations):
         P = R + torch.where(rs > tiny, rs_new / rs.clamp(min=tiny), torch.zeros_like(rs)) * P
         rs = rs_new
     return X
-
-
-def _check_options(rho0, max_iter, update_every, cg_iter) -> None:
-    if not isinstance(rho0, (int, float)) or isinstance(rho0, bool) or not rho0 > 0:
-        raise ValueError(f"rho0 must be a positive number, got {rho0!r}")
-    for name, value, low in (("max_iter", max_iter, 1), ("update_every", update_every, 1), ("cg_iter", cg_iter, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

@@ -25,9 +25,32 @@ from typing import Any
 
 import torch
 
+from .objective import escalate_damping
+from .options import SolverOptions, check_flag, check_real
+from .patterns import check_fraction
 
 SCORES = ("wanda", "magnitude")
-MAX_DAMPING_ESCALATIONS = 6
+
+
+@dataclass(frozen=True)
+class FASPOptions(SolverOptions):
+    """Options of :func:`fasp`, checked when built.
+
+    Attributes:
+        score: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``) or ``"magnitude"`` (``Σ_i|W_ij|``).
+        restore: refit the kept columns by least squares (default True); False only drops columns.
+        damp: relative damping λ of the least-squares refit (default 0.01).
+    """
+
+    score: str = "wanda"
+    restore: bool = True
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        check_flag("restore", self.restore)
+        check_real("damp", self.damp)
 
 
 @dataclass
@@ -56,9 +79,7 @@ def fasp(
     *,
     units: torch.Tensor | None = None,
     units_per_block: int | None = None,
-    score: str = "wanda",
-    restore: bool = True,
-    damp: float = 0.01,
+    **options: object,
 ) -> ColumnPruneResult:
     """Remove the fraction ``ratio`` of L's input units and restore L on the rest.
 
@@ -69,14 +90,25 @@ def fasp(
         units: LongTensor ``[n]``: the unit id of each column, ids ``0..U−1`` (default: every column is a unit).
         units_per_block: when set, units ``b·k .. b·k + k − 1`` form block b (e.g. the value channels of one KV
             head) and every block keeps the same number ``⌊k·(1 − ratio)⌋`` of units, so heads still reshape.
-        score: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``) or ``"magnitude"`` (``Σ_i|W_ij|``).
-        restore: refit the kept columns by least squares (default True); False only drops columns.
-        damp: relative damping λ of the least-squares refit (default 0.01).
+        **options: the fields of :class:`FASPOptions`: ``score``, ``restore``, ``damp``.
 
     Raises:
         ValueError: naming the argument for a bad ratio, unit map, block size, score, shape or non-finite input.
     """
-    units, n_units = _check(weight, gram, ratio, units, units_per_block, score, damp)
+    return solve_fasp(weight, gram, check_fraction(ratio, "ratio"), units, units_per_block, FASPOptions(**options))
+
+
+def solve_fasp(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    ratio: float,
+    units: torch.Tensor | None,
+    units_per_block: int | None,
+    options: FASPOptions,
+) -> ColumnPruneResult:
+    """:func:`fasp` with ``ratio`` and ``options`` already checked (the layer's tensors and units are checked here)."""
+    units, n_units = _check(weight, gram, units, units_per_block)
+    score, restore, damp = options.score, options.restore, options.damp
     start = time.perf_counter()
     W = weight.detach().double()
     H = gram.to(torch.float64)
@@ -117,7 +149,7 @@ def fasp(
     return ColumnPruneResult(kept_units, kept_columns, new_weight, stats)
 
 
-def kept_count(units: int, ratio: float) -> int:
+def units_kept(units: int, ratio: float) -> int:
     """How many of ``units`` units :func:`fasp` keeps at ``ratio``: ``max(1, ⌊units·(1 − ratio)⌋)``."""
     return max(1, int(units * (1 - ratio)))
 
@@ -125,9 +157,9 @@ def kept_count(units: int, ratio: float) -> int:
 def _keep_units(scores: torch.Tensor, ratio: float, units_per_block: int | None) -> torch.Tensor:
     """Sorted ids of the highest-scoring units: ⌊U(1 − ratio)⌋ overall, or that share of every block."""
     if units_per_block is None:
-        return scores.topk(kept_count(scores.numel(), ratio)).indices.sort().values
+        return scores.topk(units_kept(scores.numel(), ratio)).indices.sort().values
     blocks = scores.reshape(-1, units_per_block)
-    keep = kept_count(units_per_block, ratio)
+    keep = units_kept(units_per_block, ratio)
     offsets = torch.arange(blocks.shape[0], device=scores.device).unsqueeze(1) * units_per_block
     return (blocks.topk(keep, dim=1).indices + offsets).reshape(-1).sort().values
 
@@ -140,12 +172,14 @@ def _least_squares(
     mean_diag = float(torch.diagonal(H_KK).clamp(min=0).mean())
     scale = mean_diag if mean_diag > 0 else 1.0
     eye = torch.eye(H_KK.shape[0], dtype=H_KK.dtype, device=H_KK.device)
-    for _ in range(MAX_DAMPING_ESCALATIONS + 1):
+
+    def solve(damp: float) -> torch.Tensor | None:
         L, info = torch.linalg.cholesky_ex(H_KK + damp * scale * eye)
-        if int(info) == 0:
-            return torch.cholesky_solve((WH_K + damp * scale * W_K).T, L).T.float(), damp
-        damp = max(damp * 10, 1e-6)
-    raise ValueError(f"gram restricted to the kept columns is not positive definite even with damp={damp / 10:g}")
+        if int(info) != 0:
+            return None
+        return torch.cholesky_solve((WH_K + damp * scale * W_K).T, L).T.float()
+
+    return escalate_damping(solve, damp, "gram restricted to the kept columns")
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -153,7 +187,7 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else 0.0
 
 
-def _check(weight, gram, ratio, units, units_per_block, score, damp) -> tuple[torch.Tensor, int]:
+def _check(weight, gram, units, units_per_block) -> tuple[torch.Tensor, int]:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError("weight must be a 2-D floating tensor [out, n]")
     n = weight.shape[1]
@@ -161,12 +195,6 @@ def _check(weight, gram, ratio, units, units_per_block, score, damp) -> tuple[to
         raise ValueError(f"gram must be a floating tensor [n, n] = [{n}, {n}]")
     if not (torch.isfinite(weight).all() and torch.isfinite(gram).all()):
         raise ValueError("weight and gram must be finite (no NaN or Inf)")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be a number in [0, 1) (fraction of units removed), got {ratio!r}")
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp < 0:
-        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
     if units is None:
         units = torch.arange(n, device=weight.device)
     if not isinstance(units, torch.Tensor) or units.shape != (n,) or units.dtype != torch.long:
@@ -176,8 +204,12 @@ def _check(weight, gram, ratio, units, units_per_block, score, damp) -> tuple[to
     if int(units.min()) < 0 or torch.unique(units).numel() != n_units:
         raise ValueError("units must use every id 0..U-1 (each unit owns at least one column)")
     if units_per_block is not None and (
-        isinstance(units_per_block, bool) or not isinstance(units_per_block, int) or units_per_block < 1
+        isinstance(units_per_block, bool)
+        or not isinstance(units_per_block, int)
+        or units_per_block < 1
         or n_units % units_per_block
     ):
-        raise ValueError(f"units_per_block must be a positive int dividing the {n_units} units, got {units_per_block!r}")
+        raise ValueError(
+            f"units_per_block must be a positive int dividing the {n_units} units, got {units_per_block!r}"
+        )
     return units, n_units

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")
+
+#: How many times :func:`escalate_damping` multiplies the damping by 10 before giving up.
+MAX_DAMPING_ESCALATIONS = 6
 
 
 def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:
@@ -39,8 +47,6 @@ def damped_gram(gram: torch.Tensor, damp: float, dtype: torch.dtype = torch.floa
     Returns:
         ``(H_damped [in, in], λ)``.
     """
-    if damp < 0:
-        raise ValueError(f"damp must be >= 0 (fraction of mean(diag H) added to the diagonal), got {damp}")
     H = gram.to(dtype)
     H = 0.5 * (H + H.T)
     diag = torch.diagonal(H)
@@ -54,3 +60,21 @@ def damped_gram(gram: torch.Tensor, damp: float, dtype: torch.dtype = torch.floa
     lam = damp * scale
     diag += lam
     return H, lam
+
+
+def escalate_damping(factor: Callable[[float], T | None], damp: float, what: str) -> tuple[T, float]:
+    """``(factor(d), d)`` for the first damping ``d`` at which ``factor`` succeeds (returns non-None).
+
+    ``d`` starts at ``damp`` and is multiplied by 10 (at least ``1e-6``) after each failure, at most
+    :data:`MAX_DAMPING_ESCALATIONS` times: the damped Cholesky factorisations of the solvers call it with a
+    ``factor`` that returns None when ``torch.linalg.cholesky_ex`` reports a failure.
+
+    Raises:
+        ValueError: naming ``what`` (e.g. ``"gram"``) and the last damping tried.
+    """
+    for _ in range(MAX_DAMPING_ESCALATIONS + 1):
+        result = factor(damp)
+        if result is not None:
+            return result, damp
+        tried, damp = damp, max(damp * 10, 1e-6)
+    raise ValueError(f"{what} is not positive definite even with damp={tried:g}; check the calibration data")

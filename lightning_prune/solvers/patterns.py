@@ -43,38 +43,42 @@ def parse_nm(nm: str | Sequence[int] | None) -> NM | None:
     return n, m
 
 
-def check_sparsity(sparsity: float | None, nm: str | Sequence[int] | None) -> tuple[float | None, NM | None]:
-    """Validate the pattern arguments of a solver: exactly one of ``sparsity`` in [0, 1) or ``nm``."""
+def check_pattern(sparsity: float | None, nm: str | Sequence[int] | None) -> tuple[float | None, NM | None]:
+    """Validate the pattern arguments of a solver: exactly one of ``sparsity`` in [0, 1) or ``nm``.
+
+    Returns:
+        ``(sparsity as a float or None, (n, m) or None)``.
+
+    Raises:
+        ValueError: naming ``sparsity`` or ``nm``.
+    """
     nm = parse_nm(nm)
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity (fraction removed, in [0, 1)) or nm ('n:m', n kept of m)")
     if sparsity is not None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-        sparsity = float(sparsity)
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) (fraction of weights removed), got {sparsity}")
+        sparsity = check_fraction(sparsity, "sparsity")
     return sparsity, nm
 
 
-def check_problem(
-    weight: torch.Tensor,
-    gram: torch.Tensor | None,
-    sparsity: float | None,
-    nm: str | Sequence[int] | None,
-    needs_gram: bool = True,
-) -> tuple[float | None, NM | None]:
-    """Validate a layer problem; return the normalised ``(sparsity, nm)``.
+def check_fraction(value: object, argument: str) -> float:
+    """``value`` as a float if it is a number in [0, 1) (a fraction removed); ValueError naming ``argument``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{argument} must be in [0, 1) (a fraction removed), got {value!r}")
+    return float(value)
+
+
+def check_layer(weight: torch.Tensor, gram: torch.Tensor | None, nm: NM | None, needs_gram: bool = True) -> None:
+    """Validate one layer problem's tensors against an already checked pattern.
 
     Args:
         weight: ``[out, in]`` floating tensor, finite.
-        gram: ``[in, in]`` floating tensor ``H = XᵀX``, finite; may be ``None`` when ``needs_gram`` is False.
-        sparsity: fraction removed in [0, 1), or None when ``nm`` is given.
-        nm: ``"n:m"`` / ``(n, m)`` (n kept of every m inputs), or None.
+        gram: ``[in, in]`` floating tensor ``H = XᵀX``, finite, on ``weight``'s device; may be ``None`` when
+            ``needs_gram`` is False.
+        nm: ``(n, m)`` or None; with N:M, ``in`` must be divisible by ``m``.
         needs_gram: whether the solver needs ``gram`` (default True).
 
     Raises:
-        ValueError: naming the offending argument.
+        ValueError: naming ``weight``, ``gram`` or ``nm``.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-D floating tensor [out, in], got {_describe(weight)}")
@@ -90,10 +94,8 @@ def check_problem(
             raise ValueError("gram contains NaN or Inf")
         if gram.device != weight.device:
             raise ValueError(f"gram is on {gram.device} but weight is on {weight.device}")
-    sparsity, nm = check_sparsity(sparsity, nm)
     if nm is not None and weight.shape[1] % nm[1] != 0:
         raise ValueError(f"nm={nm[0]}:{nm[1]} needs the input dimension ({weight.shape[1]}) divisible by m={nm[1]}")
-    return sparsity, nm
 
 
 def _describe(x: object) -> str:
@@ -164,7 +166,9 @@ class Projector:
         per_row: with ``sparsity``, remove the same count from every row.
     """
 
-    def __init__(self, shape: tuple[int, int], sparsity: float | None = None, nm: NM | None = None, per_row: bool = False):
+    def __init__(
+        self, shape: tuple[int, int], sparsity: float | None = None, nm: NM | None = None, per_row: bool = False
+    ):
         self.shape = tuple(shape)
         self.nm, self.per_row = nm, per_row
         out_features, in_features = self.shape
@@ -214,7 +218,8 @@ def select_mask(
     nm: NM | None = None,
     per_row: bool = False,
 ) -> torch.Tensor:
-    """Project ``scores [out, in]`` onto a pattern once: the bool mask of the entries to keep (see :class:`Projector`)."""
+    """Project ``scores [out, in]`` onto a pattern once: the bool mask of the entries to keep (see
+    :class:`Projector`)."""
     return Projector(scores.shape, sparsity, nm, per_row)(scores)
 
 

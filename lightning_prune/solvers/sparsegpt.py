@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .objective import damped_gram, dead_inputs, relative_error
-from .patterns import achieved_sparsity, check_problem
+from .objective import damped_gram, dead_inputs, escalate_damping, relative_error
+from .options import SolverOptions, check_int, check_real
+from .patterns import NM, achieved_sparsity, check_layer, check_pattern
 from .result import PruneResult
 
-MAX_DAMPING_ESCALATIONS = 6
+
+@dataclass(frozen=True)
+class SparseGPTOptions(SolverOptions):
+    """Options of :func:`sparsegpt`, checked when built.
+
+    Attributes:
+        blocksize: columns per lazy-update block (default 128). With an N:M pattern the block is rounded down to a
+            multiple of m (at least m), so every group of m columns lies inside one block.
+        damp: ``λ = damp · mean(diag H)`` added to the diagonal (default 0.01); multiplied by 10 on a failed
+            Cholesky factorisation, up to 6 times.
+    """
+
+    blocksize: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_int("blocksize", self.blocksize, 1)
+        check_real("damp", self.damp)
 
 
 def sparsegpt(
@@ -20,8 +39,7 @@ def sparsegpt(
     sparsity: float | None = None,
     *,
     nm: str | Sequence[int] | None = None,
-    blocksize: int = 128,
-    damp: float = 0.01,
+    **options: object,
 ) -> PruneResult:
     """Prune ``weight`` by SparseGPT, updating the remaining weights to compensate.
 
@@ -36,21 +54,26 @@ def sparsegpt(
         gram: ``H = XᵀX [in, in]`` summed over calibration tokens.
         sparsity: fraction of weights removed, in [0, 1).
         nm: ``"n:m"`` or ``(n, m)``: n kept of every m consecutive inputs per row.
-        blocksize: columns per lazy-update block (default 128; a multiple of m for N:M).
-        damp: ``λ = damp · mean(diag H)`` added to the diagonal (default 0.01); multiplied by 10 on a failed
-            Cholesky factorisation, up to 6 times.
+        **options: the fields of :class:`SparseGPTOptions`: ``blocksize``, ``damp``.
 
     Returns:
         :class:`PruneResult`; ``stats["damp"]`` is the damping finally used.
     """
-    sparsity, nm = check_problem(weight, gram, sparsity, nm)
-    if not isinstance(blocksize, int) or blocksize < 1 or (nm is not None and blocksize % nm[1] != 0):
-        raise ValueError(f"blocksize must be a positive int (a multiple of m for N:M), got {blocksize!r}")
+    sparsity, nm = check_pattern(sparsity, nm)
+    return solve_sparsegpt(weight, gram, sparsity, nm, SparseGPTOptions(**options))
+
+
+def solve_sparsegpt(
+    weight: torch.Tensor, gram: torch.Tensor, sparsity: float | None, nm: NM | None, options: SparseGPTOptions
+) -> PruneResult:
+    """:func:`sparsegpt` with the pattern and options already checked (only the layer's tensors are checked here)."""
+    check_layer(weight, gram, nm)
+    blocksize = options.blocksize if nm is None else max(options.blocksize // nm[1], 1) * nm[1]
     start = time.perf_counter()
     out_features, in_features = weight.shape
     W = weight.detach().float().clone()
     W[:, dead_inputs(gram)] = 0
-    U, damp = _inverse_cholesky_upper(gram, damp)
+    U, damp = _inverse_cholesky_upper(gram, options.damp)
     keep = torch.ones_like(W, dtype=torch.bool)
     total_pruned = 0 if sparsity is None else round(sparsity * W.numel())
 
@@ -93,13 +116,12 @@ def sparsegpt(
 
 def _inverse_cholesky_upper(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` in fp32 (computed in fp64), escalating ``damp`` on failure."""
-    for _ in range(MAX_DAMPING_ESCALATIONS + 1):
-        H, _ = damped_gram(gram, damp)
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
-                return U.float(), damp
-        damp = max(damp * 10, 1e-6)
-    raise ValueError(f"gram is not positive definite even with damp={damp / 10:g}; check the calibration data")
+
+    def factor(damp: float) -> torch.Tensor | None:
+        L, info = torch.linalg.cholesky_ex(damped_gram(gram, damp)[0])
+        if int(info) != 0:
+            return None
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        return U.float() if int(info) == 0 else None
+
+    return escalate_damping(factor, damp, "gram")

@@ -8,11 +8,12 @@ tests. On CUDA machines use Lightning's own ``DeepSpeedStrategy`` (``strategy="d
 Example::
 
     from lightning.pytorch import Trainer
-    from lightning_prune.strategies import DeepSpeedCPUStrategy
+    from lightning_prune.distributed.strategies import DeepSpeedCPUStrategy
 
     trainer = Trainer(accelerator="cpu", devices=2, strategy=DeepSpeedCPUStrategy(stage=3))
 
-or, in a LightningCLI config, ``strategy: deepspeed_cpu_stage_3`` (registered on ``import lightning_prune``).
+or, in a LightningCLI config, ``strategy: deepspeed_cpu_stage_3`` (registered when this module is imported, which
+``import lightning_prune.callbacks`` and the ``lightning-prune`` command line do).
 Launch one process per device yourself (``torchrun --nproc_per_node 2 ...``) or let Lightning start them.
 """
 

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from ..solvers.result import PruneResult
+
 T = TypeVar("T")
 
 
@@ -147,6 +149,43 @@ class Processes:
             buffer = torch.empty(like.shape, dtype=dtype, device=self._device())
         dist.broadcast(buffer, src=self._global(src), group=self.group)
         return buffer.to(device=like.device, dtype=like.dtype)
+
+    def solve_shared(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        solve: Callable[[str], PruneResult],
+        doing: str,
+    ) -> dict[str, PruneResult]:
+        """Solve independent layer problems together: each on one process, every result on every process.
+
+        Each process solves the layers :meth:`assign` gives it (cost ``out · in² + in³``), the processes
+        :meth:`agree` that every solve succeeded, and each result is broadcast from its owner, its stats extended
+        with the owner's ``rank``.
+
+        Args:
+            weights: ``{name: current weight [out, in]}``, the same layers on every process (the results take their
+                shapes, dtypes and devices).
+            solve: ``solve(name) -> PruneResult`` for one layer.
+            doing: what is being solved, for the error message (e.g. ``"solving the layers of block 3"``).
+        """
+        costs = {name: float(w.shape[0] * w.shape[1] ** 2 + w.shape[1] ** 3) for name, w in weights.items()}
+        owners = self.assign(costs)
+        mine, error = {}, None
+        try:
+            for name in weights:
+                if owners[name] == self.rank:
+                    mine[name] = solve(name)
+        except Exception as caught:  # re-raised on every process by agree()
+            error = caught
+        self.agree(error, doing)
+        results = {}
+        for name, weight in weights.items():
+            owner, result = owners[name], mine.get(name)
+            new_weight = self.broadcast_tensor(None if result is None else result.weight, weight, owner)
+            mask = self.broadcast_tensor(None if result is None else result.mask, weight.bool(), owner)
+            stats = self.broadcast_object(None if result is None else {**result.stats, "rank": owner}, owner)
+            results[name] = PruneResult(new_weight, mask, stats)
+        return results
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)

@@ -16,9 +16,10 @@ therefore saved in one of two ways:
   unchanged; ``v_proj`` and ``o_proj`` are the layers that shrink.
 
 The slimmed classes are registered with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` when
-``lightning_prune`` is imported, so::
+:mod:`lightning_prune.structured` is imported (the callbacks, the CLI and
+:class:`~lightning_prune.module.CausalLMModule` import it), so::
 
-    import lightning_prune  # registers the *_fasp model types
+    import lightning_prune.structured  # registers the *_fasp model types
     model = AutoModelForCausalLM.from_pretrained(saved_directory)
 
 """
@@ -52,7 +53,7 @@ from transformers.models.mistral import modeling_mistral
 from transformers.models.opt import modeling_opt
 from transformers.models.qwen2 import modeling_qwen2
 
-from .architectures import CouplingGroup, attention_heads, coupling_groups, find_blocks, in_features
+from ..architectures import CouplingGroup, attention_heads, coupling_groups, find_blocks, in_features
 
 
 def pad_values(value: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -222,8 +223,12 @@ class OPTFaspForCausalLM(_FaspModel, OPTForCausalLM):
 
 
 #: Stock config class → slimmed config class.
-SLIM_CONFIGS = {LlamaConfig: LlamaFaspConfig, MistralConfig: MistralFaspConfig, Qwen2Config: Qwen2FaspConfig,
-                OPTConfig: OPTFaspConfig}
+SLIM_CONFIGS = {
+    LlamaConfig: LlamaFaspConfig,
+    MistralConfig: MistralFaspConfig,
+    Qwen2Config: Qwen2FaspConfig,
+    OPTConfig: OPTFaspConfig,
+}
 
 #: Stock model class → slimmed model class (base model and causal LM of each family).
 SLIM_MODELS = {
@@ -283,8 +288,10 @@ def slim_attention(attention: nn.Module, v_head_dim: int) -> Callable[[], None]:
     old_class = type(attention)
     new_class = SLIM_ATTENTION.get(old_class, old_class)
     if new_class not in SLIM_ATTENTION.values():
-        raise ValueError(f"attention: no value-slimmed version of {old_class.__name__}; supported: "
-                         f"{sorted(c.__name__ for c in SLIM_ATTENTION)}")
+        raise ValueError(
+            f"attention: no value-slimmed version of {old_class.__name__}; supported: "
+            f"{sorted(c.__name__ for c in SLIM_ATTENTION)}"
+        )
     had_width = "v_head_dim" in vars(attention)
     old_width = vars(attention).get("v_head_dim")
     attention.__class__ = new_class

@@ -10,8 +10,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from typing_extensions import override
 
-from ..structured import check_ratio_arguments, check_solver_arguments, fasp_prune, resolve_ratios
-from .pruning import PruningCallback, StepProgress, format_table
+from ..solvers import ColumnPruneResult
+from ..steps import ProgressHook
+from ..structured import StructuredOptions, prune_structured
+from .base import PruningCallback, PruningOutcome, error_totals, format_table
 
 
 class FASPPruningCallback(PruningCallback):
@@ -22,9 +24,9 @@ class FASPPruningCallback(PruningCallback):
     of the down projection; the later layers are refit by least squares
     (:func:`lightning_prune.structured.fasp_prune`). The model becomes physically smaller: after a prune-only fit,
     :class:`~lightning_prune.callbacks.ExportPrunedModelCallback` saves a directory that reloads with
-    ``AutoModelForCausalLM.from_pretrained`` (after ``import lightning_prune`` when the value widths shrank, see
-    :mod:`lightning_prune.slim_models`). When, where from and how visibly it prunes is :class:`PruningCallback`'s
-    plumbing. Loggers receive ``prune/<group>/rel_error``,
+    ``AutoModelForCausalLM.from_pretrained`` (after ``import lightning_prune.structured`` when the value widths
+    shrank, see :mod:`lightning_prune.structured.models`). When, where from and how visibly it prunes is
+    :class:`PruningCallback`'s plumbing. Loggers receive ``prune/<group>/rel_error``,
     ``prune/<group>/rel_error_before``, ``prune/<group>/ratio`` and ``prune/<group>/seconds`` per coupled group
     (``model.layers.3.mlp``) and the totals ``prune/mean_rel_error``, ``prune/removed_fraction``,
     ``prune/parameters_after``, ``prune/seconds``, ``prune/calibration_seconds``.
@@ -44,10 +46,12 @@ class FASPPruningCallback(PruningCallback):
             ratio for every group not in ``group_ratios`` is solved for.
         group_ratios: ``{pattern: ratio}`` overrides: ``"attention"``, ``"mlp"`` or a group name such as
             ``"model.layers.0.mlp"`` (first match wins); alone, only the matched groups are pruned.
-        score: ``"wanda"`` (default, activation-weighted) or ``"magnitude"`` column scores.
-        restore: refit the later layers by least squares (default True).
-        damp: relative damping of the refit (default 0.01).
-        num_calibration_batches, offload, evaluate, eval_batches: see :class:`PruningCallback`.
+        score, restore, damp: the solver's options, with its defaults (see
+            :class:`~lightning_prune.solvers.FASPOptions`: ``"wanda"`` or ``"magnitude"`` column scores, the
+            least-squares refit of the later layers, its relative damping).
+        offload: ``"cpu"`` (default) keeps calibration activations in CPU memory between blocks; None keeps them
+            on the model's device.
+        num_calibration_batches, evaluate, eval_batches: see :class:`PruningCallback`.
 
     Raises:
         ValueError: at construction, naming the argument, for a bad ratio, pattern or option; when the fit starts,
@@ -70,43 +74,31 @@ class FASPPruningCallback(PruningCallback):
         ratio: float | None = None,
         target_fraction: float | None = None,
         group_ratios: dict[str, float] | None = None,
-        score: str = "wanda",
-        restore: bool = True,
-        damp: float = 0.01,
+        score: str = StructuredOptions.score,
+        restore: bool = StructuredOptions.restore,
+        damp: float = StructuredOptions.damp,
         num_calibration_batches: int | None = None,
         offload: str | None = "cpu",  # a string, not a torch.device, so that YAML configs can set it
         evaluate: bool = False,
         eval_batches: int | None = None,
     ) -> None:
-        super().__init__(num_calibration_batches, offload, evaluate, eval_batches)
-        check_ratio_arguments(ratio, target_fraction, group_ratios)
-        check_solver_arguments(score, restore, damp)
-        self.ratio = ratio
-        self.target_fraction = target_fraction
-        self.group_ratios = dict(group_ratios or {})
-        self.score = score
-        self.restore = restore
-        self.damp = damp
+        super().__init__(num_calibration_batches, evaluate, eval_batches)
+        self.options = StructuredOptions(
+            ratio, target_fraction, group_ratios or {}, score=score, restore=restore, damp=damp, offload=offload
+        )
 
-    @property
     @override
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "method": "fasp",
-            "ratio": self.ratio,
-            "target_fraction": self.target_fraction,
-            "group_ratios": self.group_ratios,
-            "score": self.score,
-            "restore": self.restore,
-            "damp": self.damp,
-            "summary": self._summary,
-            "layers": self._layers,
-        }
+    def settings(self) -> dict[str, Any]:
+        return self.options.settings()
 
     @property
     @override
     def progress_label(self) -> str:
         return "fasp"
+
+    @override
+    def step_metrics(self, result: ColumnPruneResult) -> dict[str, Any]:
+        return {key: result.stats[key] for key in ("rel_error", "rel_error_before", "ratio", "seconds")}
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -125,37 +117,14 @@ class FASPPruningCallback(PruningCallback):
             trainer.strategy.setup_optimizers(trainer)
 
     @override
-    def progress_total(self, model: torch.nn.Module) -> int:
-        ratios = resolve_ratios(
-            model, self.ratio, target_fraction=self.target_fraction, group_ratios=self.group_ratios
-        )
-        return sum(1 for ratio in ratios.values() if ratio > 0)
-
-    @override
     def prune_model(
-        self, model: torch.nn.Module, batches: list[Any], progress: StepProgress, distributed: bool
-    ) -> dict[str, Any]:
-        """Prune with :func:`~lightning_prune.structured.fasp_prune`; record each group's statistics.
+        self, model: torch.nn.Module, batches: list[Any], progress: ProgressHook[ColumnPruneResult], distributed: bool
+    ) -> PruningOutcome:
+        """Prune with :func:`~lightning_prune.structured.prune_structured`; return each group's statistics.
 
         ``distributed`` is always False: :meth:`setup` refuses several processes and DeepSpeed."""
-
-        def group_done(name: str, block_index: int, n_blocks: int, result: Any) -> None:
-            keys = ("rel_error", "rel_error_before", "ratio", "seconds")
-            progress(name, block_index, n_blocks, {key: result.stats[key] for key in keys})
-
-        report = fasp_prune(
-            model,
-            batches,
-            self.ratio,
-            target_fraction=self.target_fraction,
-            group_ratios=self.group_ratios,
-            score=self.score,
-            restore=self.restore,
-            damp=self.damp,
-            offload=self.offload,
-            progress=group_done,
-        )
-        self._layers = {
+        report = prune_structured(model, batches, self.options, progress=progress)
+        layers = {
             name: {
                 "block": group.block_index,
                 "tokens": group.tokens,
@@ -166,8 +135,7 @@ class FASPPruningCallback(PruningCallback):
             for name, group in report.groups.items()
         }
         errors = {name: group.stats["rel_error"] for name, group in report.groups.items()}
-        worst = max(errors, key=errors.get) if errors else None
-        return {
+        summary = {
             "groups": len(report.groups),
             "blocks": len({group.block_index for group in report.groups.values()}),
             "parameters_before": report.parameters_before,
@@ -175,19 +143,21 @@ class FASPPruningCallback(PruningCallback):
             "decoder_linear_parameters": report.decoder_linear_parameters,
             "removed_fraction": report.removed_fraction,
             "model_type": getattr(getattr(model, "config", None), "model_type", None),
-            "mean_rel_error": sum(errors.values()) / len(errors) if errors else None,
-            "max_rel_error": errors[worst] if worst else None,
-            "max_rel_error_group": worst,
+            **error_totals(errors, "group"),
             "calibration_tokens": max((group.tokens for group in report.groups.values()), default=0),
             "solve_seconds": sum(group.stats["seconds"] for group in report.groups.values()),
         }
+        return PruningOutcome(summary, layers)
 
     @override
     def format_summary(self, summary: Mapping[str, Any]) -> str:
-        if self.target_fraction is not None:
-            amount = f"{self.target_fraction:g} of the decoder-linear parameters"
+        options = self.options
+        if options.target_fraction is not None:
+            amount = f"{options.target_fraction:g} of the decoder-linear parameters"
         else:
-            amount = f"ratio {self.ratio or 0:g}" + (f", overrides {self.group_ratios}" if self.group_ratios else "")
+            amount = f"ratio {options.ratio or 0:g}" + (
+                f", overrides {dict(options.group_ratios)}" if options.group_ratios else ""
+            )
         rows = [
             ("groups", f"{summary['groups']} in {summary['blocks']} blocks"),
             (
@@ -198,14 +168,5 @@ class FASPPruningCallback(PruningCallback):
             ),
             ("model type", str(summary["model_type"])),
         ]
-        if summary["mean_rel_error"] is not None:
-            rows.append(
-                (
-                    "rel. error",
-                    f"mean {summary['mean_rel_error']:.4g}, max {summary['max_rel_error']:.4g} "
-                    f"({summary['max_rel_error_group']})",
-                )
-            )
-        rows.append(("calibration tokens", f"{summary['calibration_tokens']:,}"))
-        score = self.score + ("" if self.restore else ", no restoration")
-        return format_table(f"Structured pruning with FASP ({score}) at {amount}:", rows, summary)
+        score = options.score + ("" if options.restore else ", no restoration")
+        return format_table(f"Structured pruning with FASP ({score}) at {amount}:", rows, summary, "group")
