@@ -311,3 +311,25 @@ def test_calibration_falls_back_to_the_train_dataloader_limited_to_num_calibrati
 def test_bad_arguments_raise_at_construction(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+class TakeDirectory(Callback):
+    """Creates a directory holding a user's file when the fit starts (after setup, before any pruning)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module):
+        self.path.mkdir()
+        (self.path / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_rechecks_its_directory_right_before_pruning(tmp_path, model_dir, datamodule, oneshot_calls, overwrite):
+    export = ExportPrunedModelCallback(str(tmp_path / "export"), overwrite=overwrite)
+    callbacks = [TakeDirectory(tmp_path / "export"), WandaPruningCallback(0.5), export]
+    message = "is not an earlier export" if overwrite else "already exists"
+    with pytest.raises(ValueError, match=message):
+        trainer(tmp_path, callbacks).fit(CausalLMModule(model_dir), datamodule=datamodule)
+    assert oneshot_calls == []  # refused before minutes of pruning, not after
+    assert (tmp_path / "export" / "notes.txt").read_text() == "mine"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -12,7 +11,7 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from ..distributed.zero import any_partitioned, full_state_dict
-from ..export import save_pruned
+from ..export import check_export_target, recover_export, save_pruned
 from .base import PruningCallback
 
 
@@ -37,12 +36,15 @@ class ExportPrunedModelCallback(Callback):
 
     Args:
         dirpath: directory to write (its parent is created if missing).
-        overwrite: replace an existing ``dirpath`` (default False). The check is made when the fit starts, so a
-            run never prunes for minutes only to find the directory taken.
+        overwrite: replace an existing ``dirpath`` (default False), if it is an earlier export (it holds our
+            ``sparsity.json``) or empty; any other directory is refused and left untouched. The check is made at
+            setup and again in ``on_fit_start``, right before pruning starts, so a run never prunes for minutes only
+            to find the directory taken.
 
     Raises:
-        ValueError: when the fit starts: ``dirpath`` exists and ``overwrite`` is False, or a pruning callback comes
-            after this one in ``trainer.callbacks``; at the end: ``pl_module.model`` is not a transformers model.
+        ValueError: when the fit starts: ``dirpath`` exists and ``overwrite`` is False, or is neither an earlier
+            export nor empty, or a pruning callback comes after this one in ``trainer.callbacks``; at the end:
+            ``pl_module.model`` is not a transformers model (or ``dirpath`` was taken meanwhile).
 
     Note:
         Lightning calls ``on_fit_end`` in callback order, and a prune-only fit prunes in the pruning callback's
@@ -68,8 +70,11 @@ class ExportPrunedModelCallback(Callback):
                 f"{type(self).__name__} must come after the pruning callbacks in trainer.callbacks (it exports in "
                 f"on_fit_end, where a prune-only fit prunes); found {late} after it"
             )
-        if Path(self.dirpath).exists() and not self.overwrite:
-            raise ValueError(f"dirpath {self.dirpath!r} already exists: choose another or pass overwrite=True")
+        self._check_target()
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_target()  # again: pruning starts next (on_train_start, or on_fit_end for a prune-only fit)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -92,6 +97,11 @@ class ExportPrunedModelCallback(Callback):
             state_dict=state_dict,
         )
         rank_zero_info(f"Saved the pruned model to {path}")
+
+    def _check_target(self) -> None:
+        """Finish an export to ``dirpath`` that a killed process left half done, then check that it may be written."""
+        recover_export(self.dirpath)
+        check_export_target(self.dirpath, self.overwrite)
 
 
 def _pruning_metadata(trainer: Trainer) -> dict[str, Any]:
