@@ -71,7 +71,11 @@ class OneShotPruningCallback(PruningCallback):
         eval_batches: with ``evaluate``, use only the first that many validation batches; None (default): all.
         resume_dir: a directory where each finished block is saved (:mod:`lightning_prune.progress`): a run that
             crashed or was requeued mid-pruning resumes at the next block when rerun with the same arguments and
-            calibration data. Default None: nothing saved.
+            calibration data. Default None: nothing saved. Two runs cannot share it (a lock file keeps the second
+            out), and saved blocks are checked before use (checksum, shapes, dtypes, finite weights, zeros where
+            pruned, the model's weights when the block was pruned).
+        resume_invalid_blocks: ``"raise"`` (default): a saved block failing its checks stops the run with a
+            ``ValueError`` naming its file; ``"resolve"``: that block is solved again.
 
     Raises:
         ValueError: at construction, naming the argument, for any bad value (the arguments become one
@@ -112,6 +116,7 @@ class OneShotPruningCallback(PruningCallback):
         evaluate: bool = False,
         eval_batches: int | None = None,
         resume_dir: str | None = None,
+        resume_invalid_blocks: str = "raise",
     ) -> None:
         super().__init__(num_calibration_batches, evaluate, eval_batches)
         self.options = OneShotOptions(
@@ -127,6 +132,7 @@ class OneShotPruningCallback(PruningCallback):
             offload=offload,
             gram_dtype=gram_dtype,
             resume_dir=resume_dir,
+            resume_invalid_blocks=resume_invalid_blocks,
         )
 
     @override
