@@ -42,6 +42,7 @@ from .calibration import (
     propagate,
 )
 from .distributed.parallel import Processes
+from .distributed.zero import any_partitioned, release_gathered
 from .gram import GramAccumulator
 from .solvers.result import PruneResult
 from .steps import ProgressHook, check_progress
@@ -145,7 +146,8 @@ def prune_model(
     ``DeepSpeedStrategy(stage=3)``) are supported with every process calling this function: the engine gathers each
     module's parameters as the calibration forward runs it, and a block's weights are gathered only to be read
     before its solves and written after them (:mod:`lightning_prune.weights`), so memory returns to the partitioned
-    state between blocks.
+    state between blocks, and when this function returns (the weights the last block's write left gathered are
+    partitioned again, :func:`~lightning_prune.distributed.zero.release_gathered`).
 
     Returns:
         ``{full layer name: LayerReport}`` in pruning order.
@@ -222,6 +224,9 @@ def prune_model(
         except BaseException:
             rollback.restore()
             raise
+        finally:
+            if any_partitioned(model):
+                release_gathered(blocks[: last + 1])  # memory back to the partitioned state
     return reports
 
 
