@@ -290,6 +290,8 @@ def test_calibration_falls_back_to_the_train_dataloader_limited_to_num_calibrati
         (lambda: ALPSPruningCallback(1.2), "sparsity must be in"),
         (lambda: ALPSPruningCallback(0.7, mask_structure="2:4"), "contradicts mask_structure"),
         (lambda: ALPSPruningCallback(0.5, rho0=-1.0), "rho0"),
+        (lambda: ALPSPruningCallback(0.5, rho0=float("inf")), "rho0 must be a finite number > 0"),
+        (lambda: ALPSPruningCallback(0.5, damp=float("inf")), "damp must be a finite number >= 0"),
         (lambda: SparseGPTPruningCallback(0.5, blocksize=0), "blocksize"),
         (lambda: OneShotPruningCallback("wanda", 0.5, solver_options={"rho0": 1.0}), "has no option 'rho0'"),
         (lambda: WandaPruningCallback(0.5, targets=["re:("]), "targets: invalid regex"),
