@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import LayerSelection, find_blocks
+from .architectures import LayerSelection, find_blocks, in_features
 from .calibration import (
     CalibrationOptions,
     calibration_mode,
@@ -42,9 +42,10 @@ from .calibration import (
     propagate,
 )
 from .distributed.parallel import Processes
+from .distributed.zero import full_shape
 from .gram import GramAccumulator
 from .solvers.result import PruneResult
-from .steps import ProgressHook, check_progress
+from .steps import PlannedStep, ProgressHook, announce, check_progress, solve_cost
 from .weights import Rollback, read_weights, write_weights
 
 Solve = Callable[[str, torch.Tensor, torch.Tensor, int], PruneResult]
@@ -114,8 +115,10 @@ def prune_model(
             block's layers solved together).
         calibration: where activations live and how grams are summed (default: activations in CPU memory, float32
             grams).
-        progress: optional :class:`~lightning_prune.steps.ProgressHook`: ``begin(number of layers)``, then
-            ``step(name, block_index, n_blocks, result)`` after each layer's new weight is written.
+        progress: optional :class:`~lightning_prune.steps.ProgressHook`: ``begin(number of layers)`` (and
+            ``plan(steps)``, each layer with its block and :func:`~lightning_prune.steps.solve_cost`, when the hook
+            has that method), then ``step(name, block_index, n_blocks, result)`` after each layer's new weight is
+            written.
         finished: blocks already pruned by an earlier run, ``{block index: {layer name: {"weight" [out, in], "mask",
             "stats", "tokens"}}}`` (see :mod:`lightning_prune.progress`): their weights are written as recorded
             instead of being solved, and the blocks are run to rebuild the next block's inputs.
@@ -168,8 +171,7 @@ def prune_model(
     with calibration_mode(model):
         try:
             inputs = capture_block_inputs(model, blocks[0], batches, storage)
-            if progress is not None:
-                progress.begin(sum(len(group) for groups in plan for group in groups))
+            announce(progress, _planned_steps(plan))
             for index in range(last + 1):
                 block = blocks[index]
                 device = device_of(block)
@@ -210,6 +212,18 @@ def prune_model(
             rollback.restore()
             raise
     return reports
+
+
+def _planned_steps(plan: list[list[dict[str, nn.Module]]]) -> list[PlannedStep]:
+    """Every selected layer in solving order, with its block and estimated solve cost."""
+    steps = []
+    for index, groups in enumerate(plan):
+        for group in groups:
+            for name, module in group.items():
+                columns = in_features(module)
+                rows = full_shape(module.weight).numel() // columns
+                steps.append(PlannedStep(name, index, solve_cost(rows, columns)))
+    return steps
 
 
 def _record(weight: torch.Tensor, report: LayerReport) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from ..evaluation import perplexity
-from ..steps import ProgressHook
+from ..steps import PlannedStep, ProgressHook
 
 #: Prefix of every metric the pruning callbacks send to the trainer's loggers.
 METRIC_PREFIX = "prune"
@@ -289,8 +289,8 @@ class PruningCallback(Callback):
 
     @contextmanager
     def _progress_bar(self, trainer: Trainer, loggers: Sequence[Any]) -> Iterator[ProgressHook[Any]]:
-        """A Lightning-style tqdm bar over the pruning steps, as the driver's progress hook that also logs each
-        step's metrics; the bar is disabled off rank zero or without a progress bar."""
+        """A tqdm bar over the pruning, as the driver's progress hook that also logs each step's metrics; disabled
+        off rank zero or without a progress bar."""
         progress_bar = trainer.progress_bar_callback
         bar = Tqdm(
             desc=f"Pruning ({self.progress_label})",
@@ -300,7 +300,7 @@ class PruningCallback(Callback):
             dynamic_ncols=True,
             file=sys.stdout,
             smoothing=0,
-            bar_format=TQDMProgressBar.BAR_FORMAT,
+            bar_format=BAR_FORMAT,
         )
         try:
             yield _BarHook(self, bar, loggers, trainer.global_step)
@@ -308,14 +308,31 @@ class PruningCallback(Callback):
             bar.close()
 
 
+#: The pruning bar: percentage, blocks (fractions of a block as its steps finish), elapsed and remaining time.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} {unit}s [{elapsed}<{remaining}{postfix}]"
+
+
 class _BarHook:
-    """The driver's :class:`~lightning_prune.steps.ProgressHook`: sets the bar's total, advances it, logs metrics."""
+    """The driver's :class:`~lightning_prune.steps.ProgressHook`: advances the bar, logs each step's metrics.
+
+    Once the driver has announced its steps (:meth:`plan`), the bar counts decoder blocks and each step advances it
+    by its share of its block's estimated cost, so the time left is estimated from blocks done, not from a count of
+    layers whose costs differ ~100×. Without a plan it counts steps."""
 
     def __init__(self, callback: PruningCallback, bar: Tqdm, loggers: Sequence[Any], step: int) -> None:
         self.callback, self.bar, self.loggers, self.global_step = callback, bar, loggers, step
+        self.shares: dict[str, float] = {}
 
     def begin(self, total: int) -> None:
         self.bar.reset(total=total)
+
+    def plan(self, steps: Sequence[PlannedStep]) -> None:
+        block_costs: dict[int, float] = {}
+        for planned in steps:
+            block_costs[planned.block_index] = block_costs.get(planned.block_index, 0.0) + planned.cost
+        self.shares = {planned.name: planned.cost / block_costs[planned.block_index] for planned in steps}
+        self.bar.unit = "block"
+        self.bar.reset(total=len(block_costs))
 
     def step(self, name: str, block_index: int, n_blocks: int, result: Any) -> None:
         metrics = self.callback.step_metrics(result)
@@ -324,8 +341,9 @@ class _BarHook:
                 {f"{METRIC_PREFIX}/{name}/{key}": value for key, value in metrics.items() if value is not None},
                 step=self.global_step,
             )
-        self.bar.set_postfix(block=f"{block_index + 1}/{n_blocks}", rel_error=metrics.get("rel_error"), refresh=False)
-        self.bar.update()
+        error = metrics.get("rel_error")
+        self.bar.set_postfix_str(f"{name}" + ("" if error is None else f" rel_error={error:.3g}"), refresh=False)
+        self.bar.update(self.shares.get(name, 1))
 
 
 @contextmanager

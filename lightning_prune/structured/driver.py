@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import CouplingGroup, attention_heads, coupling_groups, find_blocks, value_units
+from ..architectures import CouplingGroup, attention_heads, coupling_groups, find_blocks, in_features, value_units
 from ..calibration import (
     CalibrationBatch,
     calibration_mode,
@@ -53,7 +53,7 @@ from ..calibration import (
 )
 from ..gram import GramAccumulator
 from ..solvers.fasp import ColumnPruneResult, FASPOptions, solve_fasp
-from ..steps import ProgressHook, check_progress
+from ..steps import PlannedStep, ProgressHook, announce, check_progress, solve_cost
 from ..weights import Rollback
 from .models import check_slimmable, group_width, linear_like, record_widths, replace_module, slim_attention
 from .options import StructuredOptions
@@ -180,8 +180,7 @@ def prune_structured(
         try:
             if active:
                 inputs = capture_block_inputs(model, blocks[0], batches, storage)
-                if progress is not None:
-                    progress.begin(sum(1 for ratio in ratios.values() if ratio > 0))
+                announce(progress, _planned_steps(blocks, path, groups, ratios))
                 for index in range(active[-1] + 1):
                     block, device = blocks[index], device_of(blocks[index])
                     replays: dict[str, list[Any]] = {}
@@ -310,6 +309,21 @@ def _replace_group(
     if group.attention:
         num_kv_heads = attention_heads(model.config)[1]
         rollback.add(slim_attention(block.get_submodule(group.attention), rows.numel() // num_kv_heads))
+
+
+def _planned_steps(
+    blocks: nn.ModuleList, path: str, groups: tuple[CouplingGroup, ...], ratios: Mapping[str, float]
+) -> list[PlannedStep]:
+    """Every coupled group to prune, in order, with its block and the estimated cost of refitting its later layer."""
+    steps = []
+    for index, block in enumerate(blocks):
+        for group in groups:
+            name = f"{path}.{index}.{group.name}"
+            if ratios[name] > 0:
+                later = block.get_submodule(group.later)
+                columns = in_features(later)
+                steps.append(PlannedStep(name, index, solve_cost(later.weight.numel() // columns, columns)))
+    return steps
 
 
 def _count(model: nn.Module) -> int:
