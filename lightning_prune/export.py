@@ -188,11 +188,14 @@ def _check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def cast_floating(state_dict: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     """``state_dict`` with its floating-point tensors cast to ``dtype`` (others as they are); tensors shared by
     several keys (tied embeddings) stay shared, so ``save_pretrained`` still sees them tied."""
-    cast: dict[int, Tensor] = {}
+    cast: dict[tuple, Tensor] = {}
     result = {}
     for key, tensor in state_dict.items():
         if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = cast.setdefault(id(tensor), tensor.to(dtype))
+            view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+            if view not in cast:
+                cast[view] = tensor.to(dtype)
+            tensor = cast[view]
         result[key] = tensor
     return result
 

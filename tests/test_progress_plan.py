@@ -1,5 +1,7 @@
 """The drivers announce their steps with costs, and the pruning bar counts blocks weighted by those costs."""
 
+import io
+
 import pytest
 from helpers import RecordedSteps
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
@@ -41,7 +43,7 @@ def test_drivers_still_accept_hooks_without_plan(tiny_model, calibration_batches
 
 
 def test_bar_counts_blocks_and_advances_by_each_steps_share_of_its_block():
-    bar = Tqdm(disable=True)
+    bar = Tqdm(file=io.StringIO())
     hook = _BarHook(OneShotPruningCallback(sparsity=0.5), bar, [], 0)
     hook.begin(3)
     hook.plan([PlannedStep("a", 0, 1.0), PlannedStep("b", 0, 99.0), PlannedStep("c", 1, 5.0)])
