@@ -15,7 +15,9 @@ from safetensors import safe_open
 from lightning_prune import oneshot
 from lightning_prune.export import save_pruned
 from lightning_prune.report import main as report_main
+from lightning_prune.architectures import FAMILIES
 from lightning_prune.structured import fasp_prune
+from lightning_prune.structured.modeling_fasp import SLIM_MODELS
 
 
 @pytest.fixture
@@ -125,3 +127,11 @@ def test_a_slimmed_fasp_model_reloads_with_stock_transformers_without_our_packag
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["LlamaFaspForCausalLM", "llama_fasp"]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_the_modeling_file_knows_the_coupled_groups_of_each_family():
+    """modeling_fasp.py stands alone (it is copied into exports), so it states the groups again: the same ones."""
+    for model_class in set(SLIM_MODELS.values()):
+        family = FAMILIES[model_class.config_class.model_type]
+        expected = {g.name: (g.earlier, g.later, g.attention) for g in family.coupling_groups}
+        assert model_class.fasp_groups == expected, model_class.__name__

@@ -217,6 +217,27 @@ class OPTFaspForCausalLM(_OPTFaspModel, OPTForCausalLM):
     config_class = OPTFaspConfig
 
 
+#: Stock config class → slimmed config class.
+SLIM_CONFIGS = {
+    LlamaConfig: LlamaFaspConfig,
+    MistralConfig: MistralFaspConfig,
+    Qwen2Config: Qwen2FaspConfig,
+    OPTConfig: OPTFaspConfig,
+}
+
+#: Stock model class → slimmed model class (base model and causal LM of each family).
+SLIM_MODELS = {
+    LlamaModel: LlamaFaspModel,
+    LlamaForCausalLM: LlamaFaspForCausalLM,
+    MistralModel: MistralFaspModel,
+    MistralForCausalLM: MistralFaspForCausalLM,
+    Qwen2Model: Qwen2FaspModel,
+    Qwen2ForCausalLM: Qwen2FaspForCausalLM,
+    OPTModel: OPTFaspModel,
+    OPTForCausalLM: OPTFaspForCausalLM,
+}
+
+
 def linear_like(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     """An uninitialised ``nn.Linear(in_features, out_features)`` with ``linear``'s bias presence, dtype, device and
     ``requires_grad``."""

@@ -34,28 +34,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaModel,
-    MistralConfig,
-    MistralForCausalLM,
-    MistralModel,
-    OPTConfig,
-    OPTForCausalLM,
-    OPTModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen2Model,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ..architectures import CouplingGroup, attention_heads, coupling_groups, find_blocks, in_features
 from . import modeling_fasp
 from .modeling_fasp import (
     SLIM_ATTENTION,
+    SLIM_CONFIGS,
+    SLIM_MODELS,
     LlamaFaspAttention,
     LlamaFaspConfig,
     LlamaFaspForCausalLM,
@@ -78,26 +64,6 @@ from .modeling_fasp import (
     resize_blocks,
     slim_attention,
 )
-
-#: Stock config class → slimmed config class.
-SLIM_CONFIGS = {
-    LlamaConfig: LlamaFaspConfig,
-    MistralConfig: MistralFaspConfig,
-    Qwen2Config: Qwen2FaspConfig,
-    OPTConfig: OPTFaspConfig,
-}
-
-#: Stock model class → slimmed model class (base model and causal LM of each family).
-SLIM_MODELS = {
-    LlamaModel: LlamaFaspModel,
-    LlamaForCausalLM: LlamaFaspForCausalLM,
-    MistralModel: MistralFaspModel,
-    MistralForCausalLM: MistralFaspForCausalLM,
-    Qwen2Model: Qwen2FaspModel,
-    Qwen2ForCausalLM: Qwen2FaspForCausalLM,
-    OPTModel: OPTFaspModel,
-    OPTForCausalLM: OPTFaspForCausalLM,
-}
 
 
 def register() -> None:
