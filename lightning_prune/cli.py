@@ -12,9 +12,10 @@ Subcommands: LightningCLI's ``fit`` / ``validate`` / ``test`` / ``predict``, ``p
 :meth:`PruneTrainer.prune`) and ``report`` (:mod:`lightning_prune.report`). Besides LightningCLI's groups there are
 two optional callback groups, with the arguments LightningCLI's ``add_lightning_class_args`` gives a callback:
 
-* ``prune``: the pruning callback, one of :data:`PRUNING_CALLBACKS` (``--prune.method sparsegpt`` alone picks
-  :class:`~lightning_prune.callbacks.OneShotPruningCallback`, ``--prune.target_fraction 0.2``
-  :class:`~lightning_prune.callbacks.FASPPruningCallback`; ``--prune ALPSPruningCallback`` names a class);
+* ``prune``: the pruning callback, one of :data:`PRUNING_CALLBACKS` or a subclass. Without a class set yet the
+  arguments pick it (``--prune.method sparsegpt``: :class:`~lightning_prune.callbacks.OneShotPruningCallback`,
+  ``--prune.target_fraction 0.2``: :class:`~lightning_prune.callbacks.FASPPruningCallback`); ``--prune
+  FASPPruningCallback`` switches class, keeping the arguments both take;
 * ``export``: :class:`~lightning_prune.callbacks.ExportPrunedModelCallback` (``--export.dirpath``).
 
 Both are optional and come after the callbacks of ``trainer.callbacks``, which still accepts pruning and export
@@ -92,9 +93,8 @@ class PruneCLI(LightningCLI):
     ``model.model_name_or_path`` (both are set because Lightning merges the module's and the datamodule's
     hyperparameters for the loggers and refuses a key with two values).
 
-    Without ``--verbose``, progress bars of transformers / datasets / the hub and their info messages are off, and
-    for ``prune`` also Lightning's info lines and model summary: what remains is the pruning bar, the summary and
-    warnings.
+    Without ``--verbose``, the progress bars of transformers / datasets / the hub are off, and for ``prune`` also
+    Lightning's info lines and model summary: what remains is the pruning bar, the summary and warnings.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -166,15 +166,14 @@ class PruneCLI(LightningCLI):
 
 
 def quiet_libraries() -> None:
-    """Turn off the progress bars and info messages of transformers, datasets and huggingface_hub."""
+    """Turn off the progress bars of transformers (loading weights, writing shards), datasets (reading, filtering,
+    tokenizing) and huggingface_hub (downloads); their warnings stay."""
     import datasets
     import huggingface_hub
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
 
 
@@ -189,10 +188,10 @@ class OursAndWarnings(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Keep only warnings and lightning_prune's own messages on Lightning's console loggers."""
+    """Keep only warnings and lightning_prune's own messages on the console handlers Lightning installs (it installs
+    none when the application configured logging itself; then nothing changes)."""
     for name in ("lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        for handler in logger.handlers or logging.getLogger().handlers:
+        for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, OursAndWarnings) for f in handler.filters):
                 handler.addFilter(OursAndWarnings())
 

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 
 from lightning_prune import oneshot
+from lightning_prune.architectures import FAMILIES
 from lightning_prune.export import save_pruned
 from lightning_prune.report import main as report_main
-from lightning_prune.architectures import FAMILIES
 from lightning_prune.structured import fasp_prune
 from lightning_prune.structured.modeling_fasp import SLIM_MODELS
 
