@@ -300,7 +300,6 @@ class PruningCallback(Callback):
             dynamic_ncols=True,
             file=sys.stdout,
             smoothing=0,
-            bar_format=BAR_FORMAT,
         )
         try:
             yield _BarHook(self, bar, loggers, trainer.global_step)
@@ -324,6 +323,7 @@ class _BarHook:
         self.shares: dict[str, float] = {}
 
     def begin(self, total: int) -> None:
+        self.bar.bar_format = BAR_FORMAT  # needs the total, known from here on
         self.bar.reset(total=total)
 
     def plan(self, steps: Sequence[PlannedStep]) -> None:
