@@ -190,7 +190,7 @@ class OursAndWarnings(logging.Filter):
 def quiet_lightning() -> None:
     """Keep only warnings and lightning_prune's own messages on the console handlers Lightning installs (it installs
     none when the application configured logging itself; then nothing changes)."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, OursAndWarnings) for f in handler.filters):
                 handler.addFilter(OursAndWarnings())
