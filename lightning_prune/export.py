@@ -142,7 +142,7 @@ def save_pruned(
         metadata_json = json.loads(json.dumps(dict(metadata or {}), default=_jsonable))
     except (TypeError, ValueError) as error:
         raise ValueError(f"metadata must be JSON-serializable: {error}") from None
-    dtype = _check_dtype(dtype)
+    dtype = check_export_dtype(dtype)
     if isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 
@@ -177,8 +177,9 @@ def save_pruned(
     return directory
 
 
-def _check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``dtype`` as a torch dtype (None stays None); ValueError naming ``dtype`` unless one of :data:`EXPORT_DTYPES`."""
+def check_export_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` as a torch dtype (None stays None); ValueError naming ``dtype`` unless None or one of
+    :data:`EXPORT_DTYPES` (names or torch dtypes)."""
     name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
     if dtype is not None and name not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be None (the model's) or one of {EXPORT_DTYPES}, got {dtype!r}")

@@ -104,7 +104,7 @@ def run_main(args, capsys):
         (["--prune.sparsity", "1.5"], "lightning-prune: error: prune: sparsity must be in [0, 1)"),
         (["--prune.method", "obs"], "prune: method must be one of ['alps', 'magnitude', 'sparsegpt', 'wanda']"),
         (["--prune.bogus", "1"], "prune: OneShotPruningCallback: Option 'bogus' is not accepted"),
-        (["--export.dtype", "int8"], "export: dtype must be None (the model's original) or one of"),
+        (["--export.dtype", "int8"], "export: dtype must be None (the model's) or one of"),
         (["--model.model_name_or_path", "no/such/model"], "model: model_name_or_path: no such directory"),
         (["--data.calibration_samples", "100000"], "data: calibration_samples=100000 exceeds the"),
     ],

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from ..distributed.zero import any_partitioned, full_state_dict
-from ..export import EXPORT_DTYPES, save_pruned
+from ..export import EXPORT_DTYPES, check_export_dtype, save_pruned
 from .base import PruningCallback
 
 
@@ -58,8 +58,7 @@ class ExportPrunedModelCallback(Callback):
             raise ValueError(f"dirpath must be a non-empty directory path, got {dirpath!r}")
         if not isinstance(overwrite, bool):
             raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
-        if dtype is not None and dtype not in EXPORT_DTYPES:
-            raise ValueError(f"dtype must be None (the model's original) or one of {EXPORT_DTYPES}, got {dtype!r}")
+        check_export_dtype(dtype)
         self.dirpath = dirpath
         self.overwrite = overwrite
         self.dtype = dtype
