@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import LayerSelection, find_blocks, in_features
+from .architectures import LayerSelection, find_blocks
 from .calibration import (
     CalibrationOptions,
     calibration_mode,
@@ -42,10 +42,9 @@ from .calibration import (
     propagate,
 )
 from .distributed.parallel import Processes
-from .distributed.zero import full_shape
 from .gram import GramAccumulator
 from .solvers.result import PruneResult
-from .steps import PlannedStep, ProgressHook, announce, check_progress, solve_cost
+from .steps import PlannedStep, ProgressHook, announce, check_progress
 from .weights import Rollback, read_weights, write_weights
 
 Solve = Callable[[str, torch.Tensor, torch.Tensor, int], PruneResult]
@@ -116,9 +115,8 @@ def prune_model(
         calibration: where activations live and how grams are summed (default: activations in CPU memory, float32
             grams).
         progress: optional :class:`~lightning_prune.steps.ProgressHook`: ``begin(number of layers)`` (and
-            ``plan(steps)``, each layer with its block and :func:`~lightning_prune.steps.solve_cost`, when the hook
-            has that method), then ``step(name, block_index, n_blocks, result)`` after each layer's new weight is
-            written.
+            ``plan(steps)``, each layer with its block, when the hook has that method), then
+            ``step(name, block_index, n_blocks, result)`` after each layer's new weight is written.
         finished: blocks already pruned by an earlier run, ``{block index: {layer name: {"weight" [out, in], "mask",
             "stats", "tokens"}}}`` (see :mod:`lightning_prune.progress`): their weights are written as recorded
             instead of being solved, and the blocks are run to rebuild the next block's inputs.
@@ -215,15 +213,8 @@ def prune_model(
 
 
 def _planned_steps(plan: list[list[dict[str, nn.Module]]]) -> list[PlannedStep]:
-    """Every selected layer in solving order, with its block and estimated solve cost."""
-    steps = []
-    for index, groups in enumerate(plan):
-        for group in groups:
-            for name, module in group.items():
-                columns = in_features(module)
-                rows = full_shape(module.weight).numel() // columns
-                steps.append(PlannedStep(name, index, solve_cost(rows, columns)))
-    return steps
+    """Every selected layer in solving order, with its block."""
+    return [PlannedStep(name, index) for index, groups in enumerate(plan) for group in groups for name in group]
 
 
 def _record(weight: torch.Tensor, report: LayerReport) -> dict[str, Any]:

@@ -16,12 +16,10 @@ class PlannedStep:
     Attributes:
         name: the name the step will be reported under (a layer, or a coupled group such as ``model.layers.3.mlp``).
         block_index: the decoder block it belongs to.
-        cost: its estimated cost, comparable between the steps of one run (see :func:`solve_cost`).
     """
 
     name: str
     block_index: int
-    cost: float
 
 
 class ProgressHook(Protocol, Generic[R]):
@@ -40,17 +38,11 @@ class ProgressHook(Protocol, Generic[R]):
 
 
 class PlanningProgressHook(ProgressHook[R], Protocol):
-    """A :class:`ProgressHook` that also wants every step before the first one, e.g. to weight a bar by cost."""
+    """A :class:`ProgressHook` that also wants every step before the first one, e.g. to count blocks: a block's
+    calibration pass and its layers' solves differ ~100× in cost, so blocks are the unit of honest progress."""
 
     def plan(self, steps: Sequence[PlannedStep]) -> None:
         """Called once, right after :meth:`begin`, with the steps in the order they will be reported."""
-
-
-def solve_cost(out_features: int, in_features: int) -> float:
-    """Estimated cost of solving one ``[out, in]`` layer problem from its ``[in, in]`` gram: ``in² · (in + out)``
-    multiply-adds, the order of a factorisation of the gram plus products of the weight with it, which every
-    gram-based solver makes (layers of one model differ ~100× by this measure)."""
-    return float(in_features) ** 2 * (in_features + out_features)
 
 
 def announce(progress: ProgressHook | None, steps: Sequence[PlannedStep]) -> None:

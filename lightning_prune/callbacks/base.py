@@ -300,6 +300,7 @@ class PruningCallback(Callback):
             dynamic_ncols=True,
             file=sys.stdout,
             smoothing=0,
+            miniters=0,  # redraw at every step (tqdm would otherwise learn to wait for a whole block)
         )
         try:
             yield _BarHook(self, bar, loggers, trainer.global_step)
@@ -307,32 +308,30 @@ class PruningCallback(Callback):
             bar.close()
 
 
-#: The pruning bar: percentage, blocks (fractions of a block as its steps finish), elapsed and remaining time.
-BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} {unit}s [{elapsed}<{remaining}{postfix}]"
+#: The pruning bar: percentage, blocks (or steps) done, elapsed and remaining time, the last step and its error.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} {unit}s [{elapsed}<{remaining}{postfix}]"
 
 
 class _BarHook:
     """The driver's :class:`~lightning_prune.steps.ProgressHook`: advances the bar, logs each step's metrics.
 
-    Once the driver has announced its steps (:meth:`plan`), the bar counts decoder blocks and each step advances it
-    by its share of its block's estimated cost, so the time left is estimated from blocks done, not from a count of
-    layers whose costs differ ~100×. Without a plan it counts steps."""
+    Once the driver has announced its steps (:meth:`plan`), the bar counts decoder blocks, advanced when a block's
+    last step is done: a block's calibration pass and its layers' solves differ ~100× in cost, so the time left is
+    estimated from whole blocks. Each step still shows its name and error. Without a plan it counts steps."""
 
     def __init__(self, callback: PruningCallback, bar: Tqdm, loggers: Sequence[Any], step: int) -> None:
         self.callback, self.bar, self.loggers, self.global_step = callback, bar, loggers, step
-        self.shares: dict[str, float] = {}
+        self.block_ends: set[str] | None = None
 
     def begin(self, total: int) -> None:
         self.bar.bar_format = BAR_FORMAT  # needs the total, known from here on
         self.bar.reset(total=total)
 
     def plan(self, steps: Sequence[PlannedStep]) -> None:
-        block_costs: dict[int, float] = {}
-        for planned in steps:
-            block_costs[planned.block_index] = block_costs.get(planned.block_index, 0.0) + planned.cost
-        self.shares = {planned.name: planned.cost / block_costs[planned.block_index] for planned in steps}
+        last = {planned.block_index: planned.name for planned in steps}
+        self.block_ends = set(last.values())
         self.bar.unit = "block"
-        self.bar.reset(total=len(block_costs))
+        self.bar.reset(total=len(last))
 
     def step(self, name: str, block_index: int, n_blocks: int, result: Any) -> None:
         metrics = self.callback.step_metrics(result)
@@ -342,8 +341,8 @@ class _BarHook:
                 step=self.global_step,
             )
         error = metrics.get("rel_error")
-        self.bar.set_postfix_str(f"{name}" + ("" if error is None else f" rel_error={error:.3g}"), refresh=False)
-        self.bar.update(self.shares.get(name, 1))
+        self.bar.set_postfix_str(name + ("" if error is None else f" rel_error={error:.3g}"), refresh=False)
+        self.bar.update(1 if self.block_ends is None or name in self.block_ends else 0)
 
 
 @contextmanager

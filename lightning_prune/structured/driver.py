@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import CouplingGroup, attention_heads, coupling_groups, find_blocks, in_features, value_units
+from ..architectures import CouplingGroup, attention_heads, coupling_groups, find_blocks, value_units
 from ..calibration import (
     CalibrationBatch,
     calibration_mode,
@@ -53,7 +53,7 @@ from ..calibration import (
 )
 from ..gram import GramAccumulator
 from ..solvers.fasp import ColumnPruneResult, FASPOptions, solve_fasp
-from ..steps import PlannedStep, ProgressHook, announce, check_progress, solve_cost
+from ..steps import PlannedStep, ProgressHook, announce, check_progress
 from ..weights import Rollback
 from .models import check_slimmable, group_width, linear_like, record_widths, replace_module, slim_attention
 from .options import StructuredOptions
@@ -180,7 +180,7 @@ def prune_structured(
         try:
             if active:
                 inputs = capture_block_inputs(model, blocks[0], batches, storage)
-                announce(progress, _planned_steps(blocks, path, groups, ratios))
+                announce(progress, _planned_steps(len(blocks), path, groups, ratios))
                 for index in range(active[-1] + 1):
                     block, device = blocks[index], device_of(blocks[index])
                     replays: dict[str, list[Any]] = {}
@@ -312,18 +312,11 @@ def _replace_group(
 
 
 def _planned_steps(
-    blocks: nn.ModuleList, path: str, groups: tuple[CouplingGroup, ...], ratios: Mapping[str, float]
+    n_blocks: int, path: str, groups: tuple[CouplingGroup, ...], ratios: Mapping[str, float]
 ) -> list[PlannedStep]:
-    """Every coupled group to prune, in order, with its block and the estimated cost of refitting its later layer."""
-    steps = []
-    for index, block in enumerate(blocks):
-        for group in groups:
-            name = f"{path}.{index}.{group.name}"
-            if ratios[name] > 0:
-                later = block.get_submodule(group.later)
-                columns = in_features(later)
-                steps.append(PlannedStep(name, index, solve_cost(later.weight.numel() // columns, columns)))
-    return steps
+    """Every coupled group to prune, in order, with its block."""
+    names = ((f"{path}.{index}.{group.name}", index) for index in range(n_blocks) for group in groups)
+    return [PlannedStep(name, index) for name, index in names if ratios[name] > 0]
 
 
 def _count(model: nn.Module) -> int:
