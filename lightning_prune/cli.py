@@ -31,6 +31,7 @@ import logging
 import shutil
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -167,11 +168,15 @@ class PruneCLI(LightningCLI):
 
 def quiet_libraries() -> None:
     """Turn off the progress bars of transformers (loading weights, writing shards), datasets (reading, filtering,
-    tokenizing) and huggingface_hub (downloads); their warnings stay."""
+    tokenizing) and huggingface_hub (downloads), and deprecation notices (``DeprecationWarning``,
+    ``FutureWarning``: addressed to code that calls a library, not to the person running the command); other
+    warnings stay."""
     import datasets
     import huggingface_hub
     import transformers
 
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     huggingface_hub.utils.disable_progress_bars()

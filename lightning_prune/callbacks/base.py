@@ -301,6 +301,7 @@ class PruningCallback(Callback):
             file=sys.stdout,
             smoothing=0,
             miniters=0,  # redraw at every step (tqdm would otherwise learn to wait for a whole block)
+            delay=1e-3,  # first drawn by the driver's begin(), once the total is known
         )
         try:
             yield _BarHook(self, bar, loggers, trainer.global_step)
