@@ -219,6 +219,8 @@ def resolve_pretrained(value: str, argument: str, marker: str | None = "config.j
     resolved = resolve_embedded(value, argument)
     if not isinstance(resolved, str):
         raise ValueError(f"{argument} must name a model, got the text files of {value!r}")
+    if value.startswith(EMBEDDED_PREFIX):  # made by smollm2_dir, complete by construction
+        return resolved
     path = Path(resolved).expanduser()
     local = path.exists() or resolved.startswith(("/", ".", "~")) or not HUB_ID.match(resolved)
     if not local:
