@@ -121,7 +121,7 @@ def test_prune_then_finetune_rebuilds_the_optimizer_for_the_slimmed_layers(tmp_p
         (dict(ratio=0.2, offload="disk"), "offload"),
         (dict(ratio=0.2, width_multiple=0), "width_multiple"),
         (dict(target_fraction=0.2, allocation="greedy"), "allocation"),
-        (dict(target_fraction=0.2, min_ratio=0.4, max_ratio=0.3), "min_ratio"),
+        (dict(target_fraction=0.2, allocation="error", min_ratio=0.4, max_ratio=0.3), "min_ratio"),
         (dict(ratio=0.2, restore_target="block"), "restore_target"),
     ],
 )

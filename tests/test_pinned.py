@@ -43,8 +43,8 @@ CASES = [
     ),
 ]
 
-#: The FASP options that reproduce the behaviour the hashes were recorded with (later defaults restore towards the
-#: dense model, allocate a target by error and align widths to multiples of 8).
+#: The FASP options that reproduce the behaviour the hashes were recorded with (the defaults now align widths to
+#: multiples of 8; restore_target and damp are spelled out so that a later change of their defaults shows here).
 RECORDED_FASP = dict(restore_target="layer", width_multiple=1, damp=0.01)
 
 FASP_CASES = [

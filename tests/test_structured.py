@@ -214,11 +214,11 @@ def test_target_fraction_is_reached_with_the_smallest_ratio(tiny_model, calibrat
         (dict(ratio=0.2, width_multiple=2.0), "width_multiple"),
         (dict(target_fraction=0.2, allocation="greedy"), "allocation"),
         (dict(ratio=0.2, allocation="error"), "target_fraction"),
-        (dict(target_fraction=0.2, min_ratio=0.5, max_ratio=0.2), "min_ratio"),
-        (dict(target_fraction=0.2, max_ratio=1.0), "max_ratio"),
+        (dict(target_fraction=0.2, allocation="error", min_ratio=0.5, max_ratio=0.2), "min_ratio"),
+        (dict(target_fraction=0.2, allocation="error", max_ratio=1.0), "max_ratio"),
         (dict(ratio=0.2, max_ratio=0.5), "max_ratio"),
-        (dict(target_fraction=0.2, min_ratio=0.3, max_ratio=0.31), "min_ratio"),
-        (dict(target_fraction=0.5, max_ratio=0.3), "out of reach"),
+        (dict(target_fraction=0.2, allocation="error", min_ratio=0.3, max_ratio=0.31), "min_ratio"),
+        (dict(target_fraction=0.5, allocation="error", max_ratio=0.3), "out of reach"),
     ],
 )
 def test_bad_arguments_raise_before_the_model_changes(kwargs, message, tiny_model, calibration_batches):
@@ -320,7 +320,13 @@ def test_error_allocation_meets_the_budget_exactly_within_the_bounds(tiny_model,
     model = tiny_model("opt")  # biases: every parameter counted
     sizes, total = group_sizes(model), decoder_linear_parameters(model)
     report = fasp_prune(
-        model, calibration_batches(), target_fraction=0.3, min_ratio=0.1, max_ratio=0.6, width_multiple=2
+        model,
+        calibration_batches(),
+        target_fraction=0.3,
+        allocation="error",
+        min_ratio=0.1,
+        max_ratio=0.6,
+        width_multiple=2,
     )
     removed = report.parameters_before - report.parameters_after
     assert removed == removed_by_widths(sizes, report.widths) and removed == round(report.removed_fraction * total)

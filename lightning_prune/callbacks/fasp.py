@@ -21,9 +21,10 @@ class FASPPruningCallback(PruningCallback):
 
     Each decoder block loses the lowest-scoring value channels (every KV head the same number) with the matching
     input columns of the attention output projection, and the lowest-scoring MLP channels with the matching columns
-    of the down projection; the later layers are refit by least squares towards the dense model's outputs
-    (:func:`lightning_prune.structured.fasp_prune`). With ``target_fraction`` each group gets its own share of the
-    budget, where the removal costs the least error; kept widths are multiples of ``width_multiple``. The model
+    of the down projection; the later layers are refit by least squares, towards their own outputs or the dense
+    model's (``restore_target``) (:func:`lightning_prune.structured.fasp_prune`). With ``target_fraction`` and
+    ``allocation="error"`` each group gets its own share of the budget, where the removal costs the least error;
+    kept widths are multiples of ``width_multiple``. The model
     becomes physically smaller: after a prune-only fit, :class:`~lightning_prune.callbacks.ExportPrunedModelCallback`
     saves a directory that reloads with ``AutoModelForCausalLM.from_pretrained`` (after
     ``import lightning_prune.structured`` when the widths are not stock, see :mod:`lightning_prune.structured.models`).
@@ -39,8 +40,8 @@ class FASPPruningCallback(PruningCallback):
         from lightning_prune.callbacks import ExportPrunedModelCallback, FASPPruningCallback
 
         pruning = FASPPruningCallback(target_fraction=0.2, evaluate=True)   # 20 % of the decoder-linear weights
-        # the defaults spelled out: FASPPruningCallback(target_fraction=0.2, allocation="error",
-        #     restore_target="dense", width_multiple=8)
+        # the other choices: FASPPruningCallback(target_fraction=0.2, allocation="error", restore_target="dense",
+        #     width_multiple=64)
         trainer = Trainer(max_steps=0, callbacks=[pruning, ExportPrunedModelCallback("pruned/model-fasp-20")])
         trainer.fit(CausalLMModule("path/to/model"), datamodule=TextDataModule("path/to/model", "corpus/*.txt"))
 
@@ -53,11 +54,10 @@ class FASPPruningCallback(PruningCallback):
         score, restore, damp: the solver's options, with its defaults (see
             :class:`~lightning_prune.solvers.FASPOptions`: ``"wanda"`` or ``"magnitude"`` column scores, the
             least-squares refit of the later layers, its relative damping).
-        restore_target: ``"dense"`` (default): the refit reproduces the dense model's outputs; ``"layer"``: the
-            layer's own outputs on the pruned model's inputs.
-        allocation: how ``target_fraction`` is split: ``"error"`` (its default) per group where it costs the least
-            error, ``"uniform"`` one ratio for all; None (default) picks ``"error"`` with ``target_fraction`` and
-            ``"uniform"`` otherwise.
+        restore_target: ``"layer"`` (default): the refit reproduces the layer's own outputs on the pruned model's
+            inputs; ``"dense"``: the dense model's outputs.
+        allocation: how ``target_fraction`` is split: ``"uniform"`` (default) one ratio for all, ``"error"`` per
+            group where it costs the least error.
         min_ratio, max_ratio: bounds of every group's ratio under ``allocation="error"`` (defaults 0 and 0.8).
         width_multiple: kept MLP channels and value channels per KV head are multiples of it (default 8).
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory between blocks; None keeps them
@@ -89,7 +89,7 @@ class FASPPruningCallback(PruningCallback):
         restore: bool = StructuredOptions.restore,
         damp: float = StructuredOptions.damp,
         restore_target: str = StructuredOptions.restore_target,
-        allocation: str | None = StructuredOptions.allocation,
+        allocation: str = StructuredOptions.allocation,
         min_ratio: float = StructuredOptions.min_ratio,
         max_ratio: float = StructuredOptions.max_ratio,
         width_multiple: int = StructuredOptions.width_multiple,

@@ -33,15 +33,15 @@ class StructuredOptions:
             left alone.
         score: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``) or ``"magnitude"`` (``Σ_i|W_ij|``).
         restore: refit the later layer on the kept columns by least squares (default True).
-        restore_target: what the refit reproduces: ``"dense"`` (default) the dense model's output of the layer on
-            the dense model's inputs, from the inputs the pruned model gives it (a second stream of activations,
-            see :mod:`lightning_prune.structured.dense`); ``"layer"`` the layer's own output on the pruned model's
-            inputs.
+        restore_target: what the refit reproduces: ``"layer"`` (default) the layer's own output on the pruned
+            model's inputs; ``"dense"`` the dense model's output of the layer on the dense model's inputs, from the
+            inputs the pruned model gives it (a second stream of activations, see
+            :mod:`lightning_prune.structured.dense`). The default is the measured better one (README, "Structured
+            pruning (FASP)").
         damp: relative damping of the refit (default 0.01).
         allocation: how ``target_fraction`` is split between the free groups (those ``group_ratios`` does not fix):
-            ``"error"`` (the default with ``target_fraction``) gives each group its own width where the removal
-            costs the least error (:mod:`lightning_prune.structured.allocation`); ``"uniform"`` (the only choice,
-            and the default, with ``ratio`` or ``group_ratios`` alone) one ratio for all.
+            ``"uniform"`` (default) one ratio for all; ``"error"`` (needs ``target_fraction``) gives each group its
+            own width where the removal costs the least error (:mod:`lightning_prune.structured.allocation`).
         min_ratio, max_ratio: with ``allocation="error"``, every free group's ratio lies in ``[min_ratio,
             max_ratio]`` (defaults 0 and 0.8: no group is emptied).
         width_multiple: every pruned group keeps a multiple of this many units (default 8; 64 or 128 suit GPUs):
@@ -58,9 +58,9 @@ class StructuredOptions:
     group_ratios: Mapping[str, float] = field(default_factory=dict)
     score: str = FASPOptions.score
     restore: bool = FASPOptions.restore
-    restore_target: str = "dense"
+    restore_target: str = "layer"
     damp: float = FASPOptions.damp
-    allocation: str | None = None
+    allocation: str = "uniform"
     min_ratio: float = 0.0
     max_ratio: float = 0.8
     width_multiple: int = 8
@@ -76,13 +76,10 @@ class StructuredOptions:
             raise ValueError(f"restore_target must be one of {RESTORE_TARGETS}, got {self.restore_target!r}")
         check_int("width_multiple", self.width_multiple, 1)
         allocation = self.allocation
-        if allocation is None:
-            allocation = "uniform" if self.target_fraction is None else "error"
         if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS} (or None: the default), got {allocation!r}")
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if allocation == "error" and self.target_fraction is None:
             raise ValueError("allocation='error' splits a target_fraction budget: give target_fraction, not ratio")
-        object.__setattr__(self, "allocation", allocation)
         check_fraction(self.min_ratio, "min_ratio")
         check_fraction(self.max_ratio, "max_ratio")
         if self.min_ratio > self.max_ratio:
