@@ -210,6 +210,7 @@ def test_target_fraction_is_reached_with_the_smallest_ratio(tiny_model, calibrat
         (dict(ratio=0.2, offload="disk"), "offload"),
         (dict(ratio=0.2, progress=3), "progress"),
         (dict(ratio=0.2, restore_target="model"), "restore_target"),
+        (dict(ratio=0.2, restore_target="dense", restore=False), "restore_target"),
         (dict(ratio=0.2, width_multiple=0), "width_multiple"),
         (dict(ratio=0.2, width_multiple=2.0), "width_multiple"),
         (dict(target_fraction=0.2, allocation="greedy"), "allocation"),

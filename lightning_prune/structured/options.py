@@ -36,8 +36,8 @@ class StructuredOptions:
         restore_target: what the refit reproduces: ``"layer"`` (default) the layer's own output on the pruned
             model's inputs; ``"dense"`` the dense model's output of the layer on the dense model's inputs, from the
             inputs the pruned model gives it (a second stream of activations, see
-            :mod:`lightning_prune.structured.dense`). The default is the measured better one (README, "Structured
-            pruning (FASP)").
+            :mod:`lightning_prune.structured.dense`; needs ``restore``). The default is the measured better one
+            (README, "Structured pruning (FASP)").
         damp: relative damping of the refit (default 0.01).
         allocation: how ``target_fraction`` is split between the free groups (those ``group_ratios`` does not fix):
             ``"uniform"`` (default) one ratio for all; ``"error"`` (needs ``target_fraction``) gives each group its
@@ -74,6 +74,8 @@ class StructuredOptions:
         object.__setattr__(self, "group_ratios", group_ratios)
         if self.restore_target not in RESTORE_TARGETS:
             raise ValueError(f"restore_target must be one of {RESTORE_TARGETS}, got {self.restore_target!r}")
+        if self.restore_target == "dense" and self.restore is False:
+            raise ValueError("restore_target='dense' chooses what the refit reproduces: it needs restore=True")
         check_int("width_multiple", self.width_multiple, 1)
         allocation = self.allocation
         if allocation not in ALLOCATIONS:
