@@ -11,8 +11,8 @@ at ``target_fraction=level``, the calibration windows batched 8 at a time:
 * ``no-restore``: ``before`` without restoration (the baseline of the ``≤ 0.70 ×`` target);
 * ``magnitude``: column-magnitude scores, no restoration (the classic structured baseline);
 * each new option added to ``before`` alone and together, so the gain of each is visible: ``dense-target``
-  (``restore_target="dense"``), ``allocation`` (``allocation="error"``), ``both``; ``damp-0.1`` is ``fasp`` with
-  ten times the default damping.
+  (``restore_target="dense"``), ``allocation`` (``allocation="error"``), ``both``; ``damp-0.01`` is ``fasp``
+  with the damping ``before`` used (a tenth of the default).
 
 ``--variants`` runs a subset (every level runs the same ones).
 
@@ -67,7 +67,7 @@ VARIANTS = {  # name -> fasp_prune options
     "dense-target": {**BEFORE, "restore_target": "dense"},
     "allocation": {**BEFORE, "allocation": "error"},
     "both": {**BEFORE, "restore_target": "dense", "allocation": "error"},
-    "damp-0.1": {"damp": 0.1},
+    "damp-0.01": {"damp": 0.01},
 }
 DEFAULTS = {
     "windows": 64,

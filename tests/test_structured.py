@@ -378,7 +378,7 @@ def test_dense_target_refits_towards_the_dense_models_outputs(family, tiny_model
     """Block 1's o_proj is refit to give, on the inputs the pruned block 0 feeds it, what the dense model's o_proj
     gives on the dense inputs: the same problem built by hand from the two models."""
     model, dense = tiny_model(family), tiny_model(family)
-    report = fasp_prune(model, calibration_batches(), 0.5, width_multiple=1)
+    report = fasp_prune(model, calibration_batches(), 0.5, restore_target="dense", width_multiple=1)
     path, blocks = find_blocks(model)
     num_heads, num_kv_heads, head_dim = attention_heads(model.config)
     dense_o = groups_of(dense, 1)[2]

@@ -38,7 +38,7 @@ class StructuredOptions:
             inputs the pruned model gives it (a second stream of activations, see
             :mod:`lightning_prune.structured.dense`; needs ``restore``). The default is the measured better one
             (README, "Structured pruning (FASP)").
-        damp: relative damping of the refit (default 0.01).
+        damp: relative damping of the refit (default 0.1).
         allocation: how ``target_fraction`` is split between the free groups (those ``group_ratios`` does not fix):
             ``"uniform"`` (default) one ratio for all; ``"error"`` (needs ``target_fraction``) gives each group its
             own width where the removal costs the least error (:mod:`lightning_prune.structured.allocation`).
