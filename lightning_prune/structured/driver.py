@@ -61,7 +61,7 @@ from ..calibration import (
 )
 from ..gram import GramAccumulator
 from ..solvers.fasp import ColumnPruneResult, FASPOptions, OutputTarget, solve_fasp
-from ..steps import ProgressHook, check_progress
+from ..steps import PlannedStep, ProgressHook, announce, check_progress
 from ..weights import Rollback
 from .allocation import allocate, error_costs
 from .dense import TargetAccumulator, dense_outputs, dense_stream
@@ -198,8 +198,8 @@ def prune_structured(
             report.widths = {name: kept[name] for name in sizes}
             report.ratios = {name: 1 - kept[name] / size.width for name, size in sizes.items()}
             pruned = {name: kept[name] for name, size in sizes.items() if kept[name] < size.width}
-            if progress is not None and pruned:
-                progress.begin(len(pruned))
+            if pruned:
+                announce(progress, _planned_steps(len(blocks), path, groups, report.ratios))
             last = max((int(name[len(path) + 1 :].split(".")[0]) for name in pruned), default=-1)
             dense = None
             for index in range(last + 1):
@@ -386,6 +386,14 @@ def _replace_group(
     if group.attention:
         num_kv_heads = attention_heads(model.config)[1]
         rollback.add(slim_attention(block.get_submodule(group.attention), rows.numel() // num_kv_heads))
+
+
+def _planned_steps(
+    n_blocks: int, path: str, groups: tuple[CouplingGroup, ...], ratios: Mapping[str, float]
+) -> list[PlannedStep]:
+    """Every coupled group to prune, in order, with its block."""
+    names = ((f"{path}.{index}.{group.name}", index) for index in range(n_blocks) for group in groups)
+    return [PlannedStep(name, index) for name, index in names if ratios[name] > 0]
 
 
 def _count(model: nn.Module) -> int:
