@@ -28,6 +28,7 @@ import torch
 from .objective import escalate_damping
 from .options import SolverOptions, check_flag, check_real
 from .patterns import check_fraction
+from .timing import seconds_since
 
 SCORES = ("wanda", "magnitude")
 
@@ -126,7 +127,7 @@ def solve_fasp(
     if restore:
         new_weight, used_damp = _least_squares(WH[:, kept_columns], H_KK, W[:, kept_columns], damp)
         new_weight = new_weight.to(weight.dtype)
-    seconds = time.perf_counter() - start
+    seconds = seconds_since(start, weight.device)
     total = float((WH * W).sum())
     dropped = torch.nonzero(~kept).squeeze(1)
     W_D = W[:, dropped]
