@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from .architectures import LayerSelection, check_patterns, matches
-from .calibration import CalibrationOptions
+from .calibration import CalibrationOptions, device_of
 from .distributed.parallel import processes_for
-from .progress import PruningProgress, fingerprint
+from .progress import FinishedBlocks, PruningProgress, fingerprint
 from .sequential import LayerReport, prune_model
 from .solvers import METHODS
 from .solvers.options import SolverOptions
@@ -199,7 +199,8 @@ def oneshot(
             process calling this function with the same batches (see
             :func:`~lightning_prune.sequential.prune_model`; needed for DeepSpeed ZeRO-3 with several processes).
             With ``resume_dir``, rank 0 reads and writes it (a directory on rank 0's file system) and the others
-            receive the finished blocks from it. Default False.
+            receive each finished block from it, tensor by tensor, when the driver reaches it. With NCCL, each
+            process's model must be on its own GPU (tensors travel through the model's device). Default False.
         **options: the other fields of :class:`OneShotOptions`: ``targets``, ``ignore``, ``sparsity_overrides``,
             ``true_sequential``, ``sequential_targets``, ``solver_options``, ``offload``, ``gram_dtype``,
             ``resume_dir``.
@@ -232,21 +233,22 @@ def prune_oneshot(
     """:func:`oneshot` with its options already built (and checked) as a :class:`OneShotOptions`."""
     if not isinstance(options, OneShotOptions):
         raise ValueError(f"options must be a OneShotOptions, got {type(options).__name__}")
-    processes = processes_for(distributed)
+    processes = processes_for(distributed, device_of(model))
     finished, on_block_end = None, None
     if options.resume_dir is not None:
         batches = list(batches)
         settings = {**options.settings(), "calibration": fingerprint(batches), "model": _model_identity(model)}
         saved: list[PruningProgress] = []  # rank 0's (or the only process's) progress directory
 
-        def load() -> dict:
+        def open_progress() -> list[int]:
             saved.append(PruningProgress(options.resume_dir, settings))
-            return saved[0].finished_blocks()
+            return saved[0].finished_indices()
 
         if processes is not None:
-            finished = processes.from_rank0(load, f"reading resume_dir={str(options.resume_dir)!r}")
+            indices = processes.from_rank0(open_progress, f"reading resume_dir={str(options.resume_dir)!r}")
         else:
-            finished = load()
+            indices = open_progress()
+        finished = FinishedBlocks(indices, saved[0] if saved else None, processes)  # read block by block
         on_block_end = saved[0].save_block if saved else None
 
     return prune_model(

@@ -18,12 +18,13 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .distributed.parallel import Processes
 from .masks import pack_mask, unpack_mask
 
 SETTINGS_FILE = "settings.json"
@@ -57,15 +58,16 @@ class PruningProgress:
             _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
         self.settings = settings
 
-    def finished_blocks(self) -> dict[int, dict[str, dict[str, Any]]]:
-        """``{block index: {layer name: {"weight", "mask" (bool), "stats", "tokens"}}}`` of the finished blocks."""
-        blocks = {}
-        for path in sorted(self.directory.glob("block_*.pt")):
-            record = torch.load(path, map_location="cpu", weights_only=True)
-            for entry in record.values():
-                entry["mask"] = unpack_mask(entry["mask"])
-            blocks[int(path.stem.split("_")[1])] = record
-        return blocks
+    def finished_indices(self) -> list[int]:
+        """Indices of the finished blocks, in order."""
+        return sorted(int(path.stem.split("_")[1]) for path in self.directory.glob("block_*.pt"))
+
+    def load_block(self, index: int) -> dict[str, dict[str, Any]]:
+        """``{layer name: {"weight", "mask" (bool), "stats", "tokens"}}`` of finished block ``index``."""
+        record = torch.load(self._block_path(index), map_location="cpu", weights_only=True)
+        for entry in record.values():
+            entry["mask"] = unpack_mask(entry["mask"])
+        return record
 
     def save_block(self, index: int, layers: Mapping[str, Mapping[str, Any]]) -> None:
         """Record block ``index``: ``{name: {"weight": [out, in], "mask": bool, "stats": dict, "tokens": int}}``."""
@@ -78,7 +80,44 @@ class PruningProgress:
             }
             for name, entry in layers.items()
         }
-        _atomic_write(self.directory / f"block_{index:05d}.pt", lambda f: torch.save(record, f))
+        _atomic_write(self._block_path(index), lambda f: torch.save(record, f))
+
+    def _block_path(self, index: int) -> Path:
+        return self.directory / f"block_{index:05d}.pt"
+
+
+class FinishedBlocks(Mapping[int, dict[str, dict[str, Any]]]):
+    """The finished blocks of a progress directory as a read-only ``{block index: record}`` mapping (records as
+    :meth:`PruningProgress.load_block` returns them), each block read from disk when it is looked up, so a resumed
+    run holds one block's records at a time.
+
+    Args:
+        indices: the finished blocks (:meth:`PruningProgress.finished_indices`), the same on every process.
+        progress: the progress directory; None on processes other than rank 0 when ``processes`` is given.
+        processes: processes pruning together: rank 0 reads each block and sends it to the others tensor by tensor
+            (:meth:`~lightning_prune.distributed.Processes.from_rank0`), every process looking the same blocks up
+            in the same order.
+    """
+
+    def __init__(
+        self, indices: Iterable[int], progress: PruningProgress | None, processes: Processes | None = None
+    ) -> None:
+        self._indices = list(indices)
+        self._progress = progress
+        self._processes = processes
+
+    def __getitem__(self, index: int) -> dict[str, dict[str, Any]]:
+        if index not in self._indices:
+            raise KeyError(index)
+        if self._processes is None:
+            return self._progress.load_block(index)
+        return self._processes.from_rank0(lambda: self._progress.load_block(index), f"reading finished block {index}")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
 
 
 def fingerprint(batches: Iterable[Any]) -> str:
