@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from ..masks import PackedMasks
 from ..oneshot import UNSTRUCTURED, OneShotOptions, prune_oneshot
 from ..sequential import LayerReport
 from ..solvers import ALPSOptions, MagnitudeOptions, PruneResult, SparseGPTOptions, WandaOptions
@@ -152,7 +153,7 @@ class OneShotPruningCallback(PruningCallback):
             name: {"block": report.block_index, "tokens": report.tokens, **report.stats}
             for name, report in reports.items()
         }
-        masks = {name: report.mask for name, report in reports.items()}
+        masks = PackedMasks({name: report.packed_mask for name, report in reports.items()})
         return PruningOutcome(_summarize(reports), layers, masks)
 
     @override
@@ -292,8 +293,11 @@ class MagnitudePruningCallback(OneShotPruningCallback):
 
 def _summarize(reports: Mapping[str, LayerReport]) -> dict[str, Any]:
     """Totals over the pruned layers (plain Python values, stored in checkpoints and ``sparsity.json``)."""
-    numel = sum(report.mask.numel() for report in reports.values())
-    removed = sum(int((~report.mask).sum()) for report in reports.values())
+    numel = removed = 0
+    for report in reports.values():  # one unpacked mask at a time
+        mask = report.mask
+        numel += mask.numel()
+        removed += int((~mask).sum())
     errors = {
         name: report.stats["rel_error"] for name, report in reports.items() if report.stats.get("rel_error") is not None
     }
