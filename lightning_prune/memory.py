@@ -8,9 +8,9 @@ Example::
     print(plan.table())
     plan.device_peak_bytes, plan.host_peak_bytes, plan.largest_allocation_bytes
 
-Command line::
+Command line (``python -m lightning_prune.memory`` is the same)::
 
-    python -m lightning_prune.memory llama-7b --calibration-tokens 262144 --gpu-gib 24
+    lightning-prune memory llama-7b --calibration-tokens 262144 --gpu-gib 24
 
 The estimate follows what :func:`lightning_prune.oneshot` does, phase by phase, for one process (the busiest, rank
 0): the model's weights; capturing the first block's inputs; per group of layers of a block, collecting their grams
@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -465,11 +464,11 @@ def error_workspace(out_features: int, in_features: int) -> int:
     return 8 * (2 * rows * in_features + in_features * columns + 2 * rows * columns)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lightning_prune.memory CONFIG [options]``: print the estimate's table (or JSON); returns 0, or 2
-    for a bad argument (its message on stderr)."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """``lightning-prune memory CONFIG [options]`` (or ``python -m lightning_prune.memory``): print the estimate's
+    table (or JSON); a bad argument exits with status 2 and its message on standard error."""
     parser = argparse.ArgumentParser(
-        prog="lightning-prune-memory",
+        prog="lightning-prune memory",
         description="Estimate the peak GPU and host memory of pruning a model from its config alone (no weights).",
     )
     parser.add_argument("config", help=f"model directory, config.json, or one of {sorted(PRESETS)}")
@@ -495,17 +494,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             gram_dtype=args.gram_dtype, true_sequential=args.true_sequential, optimizer=args.optimizer,
         )  # fmt: skip
     except ValueError as error:
-        print(f"lightning-prune-memory: {error}", file=sys.stderr)
-        return 2
+        parser.exit(2, f"lightning-prune memory: error: {error}\n")
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
-        return 0
+        return
     print(result.table())
     if args.gpu_gib is not None:
         verdict = "fits" if result.fits(int(args.gpu_gib * GIB)) else "does not fit"
         print(f"{verdict} a {args.gpu_gib:g} GiB GPU (0.5 GiB kept for the CUDA context)")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

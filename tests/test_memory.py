@@ -8,6 +8,7 @@ import json
 import pytest
 from transformers import LlamaConfig
 
+from lightning_prune.cli import main as cli_main
 from lightning_prune.memory import EIGH_WORKSPACE_PER_N2, GIB, PRESETS, estimate, main
 
 TINY = dict(
@@ -95,11 +96,44 @@ def test_bad_configs_are_named(tmp_path):
 
 
 def test_command_line(capsys):
-    assert main(["llama-7b", "--calibration-tokens", "262144", "--gpu-gib", "24"]) == 0
+    main(["llama-7b", "--calibration-tokens", "262144", "--gpu-gib", "24"])
     out = capsys.readouterr().out
     assert "solve down_proj" in out and out.rstrip().endswith("fits a 24 GiB GPU (0.5 GiB kept for the CUDA context)")
-    assert main(["llama-70b", "--json"]) == 0
+    main(["llama-70b", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["device_peak_bytes"] > 141 * GIB and result["settings"]["parameters"] > 68e9
-    assert main(["llama-7b", "--devices", "0"]) == 2
-    assert "devices must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["llama-7b", "--devices", "0"])
+    assert exit_.value.code == 2
+    assert "lightning-prune memory: error: devices must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_lightning_prune_memory_subcommand(capsys):
+    cli_main(["memory", "llama-7b", "--method", "sparsegpt", "--json"])
+    assert json.loads(capsys.readouterr().out)["settings"]["method"] == "sparsegpt"
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["memory", "llama-7b", "--method", "fasp"])
+    assert exit_.value.code == 2 and "invalid choice: 'fasp'" in capsys.readouterr().err
+
+
+def test_estimates_grow_with_what_they_count():
+    def peaks(config="llama-7b", **kwargs):
+        plan = estimate(config, **kwargs)
+        return plan.device_peak_bytes, plan.host_peak_bytes
+
+    models = [peaks(name) for name in ("llama-7b", "llama-13b", "llama-70b")]
+    assert models == sorted(models) and len(set(models)) == 3
+    tokens = [peaks(calibration_tokens=n) for n in (2048, 65536, 262144, 1048576)]
+    hosts = [host for _, host in tokens]
+    assert all(a < b for a, b in zip(hosts, hosts[1:]))  # activations stored on the host
+    assert len({device for device, _ in tokens[1:]}) == 1  # full batches of 8 × 2048: the GPU peak stays
+    batches = [peaks(calibration_tokens=262144, batch_size=n)[0] for n in (1, 4, 16)]
+    assert batches == sorted(batches)
+    per_process = [peaks("llama-13b", devices=n, zero_stage=3) for n in (2, 4, 8)]
+    assert all(a > b for fewer, more in zip(per_process, per_process[1:]) for a, b in zip(fewer, more))
+    assert all(a > b for a, b in zip(peaks(dtype="float32"), peaks(dtype="bfloat16")))
+
+
+def test_calibration_smaller_than_a_batch_is_one_short_batch():
+    short = estimate(TINY, calibration_tokens=256, seq_len=128, batch_size=8)
+    assert short.phases == estimate(TINY, calibration_tokens=256, seq_len=128, batch_size=2).phases
