@@ -190,6 +190,24 @@ def test_gram_accumulation_never_waits_for_the_device():
     acc.check_finite()
 
 
+def test_admm_reads_the_support_change_once_per_rho_update():
+    generator = torch.Generator().manual_seed(0)
+    B0 = torch.randn(6, 8, generator=generator)
+    h = torch.randn(8, 8, generator=generator, dtype=torch.float64)
+    mu, Q = (t.float() for t in torch.linalg.eigh(h @ h.T + 8 * torch.eye(8, dtype=torch.float64)))
+    G = B0 @ (Q * mu) @ Q.T
+    threshold = B0.abs().median()
+
+    def project(U):  # no host read of its own
+        return U.abs() >= threshold
+
+    with _Outputs() as ops:
+        _, _, history, _, iterations, restarts = alps_module._admm(G @ Q, Q, mu, B0, project, 1.0, 12, 4)
+    reads = [func for func, _ in ops.calls if func is torch.ops.aten._local_scalar_dense.default]
+    assert iterations >= 8  # reading the change at every iteration would take more reads than allowed here
+    assert len(reads) <= (restarts + 1) * (1 + 12 // 4)  # the support size once, then one read per update
+
+
 def test_gram_and_solves_keep_full_precision_in_a_lower_precision_context(tiny_model, calibration_batches):
     seen = []
 

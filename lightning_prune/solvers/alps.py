@@ -225,24 +225,26 @@ def _admm(GQ, Q, mu, B0, project, rho0, max_iter, update_every):
         k = int(torch.count_nonzero(mask))
         raised = False
         history: list[int] = []
-        iterations = change = 0
+        iterations = 0
+        change = torch.zeros((), dtype=torch.int64, device=mask.device)  # read once per update_every iterations
         while iterations < max_iter:
             iterations += 1
             Z = numerator / (mu + rho)
             U = torch.addmm(E, Z, Q.T, beta=carry)
             previous, mask = mask, project(U)
-            change += int(torch.count_nonzero(mask & ~previous))
+            change += torch.count_nonzero(mask & ~previous)
             D = U * mask
             E = U.sub_(D)
             DQ_old, DQ = DQ, D @ Q
             next_rho = rho
             if iterations % update_every == 0:
-                history.append(change)
-                if change == 0:
+                changed = int(change)
+                history.append(changed)
+                if changed == 0:
                     break
                 raised = True
-                next_rho = rho * (1.3 if change > 0.1 * k else 1.2 if change > 0.005 * k else 1.1)
-                change = 0
+                next_rho = rho * (1.3 if changed > 0.1 * k else 1.2 if changed > 0.005 * k else 1.1)
+                change.zero_()
             numerator = Z.mul_(mu).sub_(DQ_old, alpha=rho).add_(DQ, alpha=rho + next_rho)
             carry, rho = rho / next_rho, next_rho
         if raised or restarts >= MAX_RESTARTS or iterations >= max_iter:
