@@ -64,7 +64,8 @@ RUNTIME_HOST_BYTES = 600 * 2**20
 CUDA_HOST_BYTES = 1 * 2**30
 
 #: Bytes per ``in²`` of the float64 eigenvalue solver's workspace: LAPACK ``dsyevd`` needs ``1 + 6n + 2n²`` doubles
-#: at least; MKL's, measured on the CPU (torch 2.13, n = 2048 and 4096), takes 18.7 bytes per n².
+#: at least; MKL's, measured on the CPU (torch 2.13; ``python -m benchmarks.memory --rows eigh``), took 15 to 18.7
+#: bytes per n² at n = 2048 and 4096: the largest is kept.
 EIGH_WORKSPACE_PER_N2 = 19
 
 #: ``[out, in]`` float32 matrices alive during ALPS's ADMM iterations (counted in ``solvers/alps.py``: B₀, G, GQ,
