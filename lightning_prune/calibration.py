@@ -302,6 +302,10 @@ def collect_grams(
         dtype: gram accumulation dtype.
         stop_early: abort each batch's forward once every layer has seen its input (default False: run the whole
             block). Only for callers that discard the block's output: the layers themselves are not run then.
+
+    Raises:
+        ValueError: naming the layer, when a valid token's activation at its input was NaN or Inf (checked once,
+            on each gram after the last batch: no host synchronisation per batch).
     """
     state = _BatchState()
     grams = {}
@@ -320,6 +324,8 @@ def collect_grams(
     finally:
         for handle in handles:
             handle.remove()
+    for gram in grams.values():
+        gram.check_finite()
     return grams
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .architectures import LayerSelection, check_patterns, matches
-from .calibration import CalibrationOptions
+from .calibration import CalibrationOptions, device_of
 from .distributed.parallel import processes_for
 from .progress import INVALID_BLOCKS, PruningProgress, ResumeBlocks, fingerprint
 from .sequential import LayerReport, prune_model
@@ -210,7 +210,8 @@ def oneshot(
             process calling this function with the same batches (see
             :func:`~lightning_prune.sequential.prune_model`; needed for DeepSpeed ZeRO-3 with several processes).
             With ``resume_dir``, rank 0 reads and writes it (a directory on rank 0's file system) and the others
-            receive the finished blocks from it. Default False.
+            receive each finished block from it, tensor by tensor, when the driver reaches it. With NCCL, each
+            process's model must be on its own GPU (tensors travel through the model's device). Default False.
         **options: the other fields of :class:`OneShotOptions`: ``targets``, ``ignore``, ``sparsity_overrides``,
             ``true_sequential``, ``sequential_targets``, ``solver_options``, ``offload``, ``gram_dtype``,
             ``resume_dir``, ``resume_invalid_blocks``.
@@ -243,7 +244,7 @@ def prune_oneshot(
     """:func:`oneshot` with its options already built (and checked) as a :class:`OneShotOptions`."""
     if not isinstance(options, OneShotOptions):
         raise ValueError(f"options must be a OneShotOptions, got {type(options).__name__}")
-    processes = processes_for(distributed)
+    processes = processes_for(distributed, device_of(model))
     directory: PruningProgress | None = None  # rank 0's (or the only process's) resume directory
     resume = None
     if options.resume_dir is not None:

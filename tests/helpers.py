@@ -116,3 +116,35 @@ class RecordedSteps:
         self.steps.append((name, block_index, n_blocks, result))
         if self.on_step is not None:
             self.on_step(name, block_index, n_blocks, result)
+
+
+def quiet_trainer(root: str | Path, callbacks: list, **options):
+    """A ``Trainer`` for prune-only fits in tests (``max_steps=0``; no logger, checkpoints, progress bar, summary or
+    validation), writing under ``root``; ``options`` override or add ``Trainer`` arguments."""
+    from lightning.pytorch import Trainer
+
+    defaults = dict(
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+    return Trainer(callbacks=callbacks, **{**defaults, **options})
+
+
+def tiny_model_and_data(directory: str | Path):
+    """``(model directory, TextDataModule)``: :func:`make_tiny_causal_lm` under ``directory`` and 8 calibration windows
+    of 16 tokens in batches of 4 from a text of its words."""
+    from lightning_prune.data import TextDataModule
+
+    directory = Path(directory)
+    model_dir = make_tiny_causal_lm(directory / "model")
+    (directory / "train.txt").write_text("\n".join(make_documents(20, 30, seed=1)))
+    data = TextDataModule(
+        str(model_dir), train_files=str(directory / "train.txt"), seq_len=16, batch_size=4, calibration_samples=8
+    )
+    return model_dir, data

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
+from ..masks import PackedMasks
 from ..oneshot import UNSTRUCTURED, OneShotOptions, prune_oneshot
 from ..sequential import LayerReport
 from ..solvers import ALPSOptions, MagnitudeOptions, PruneResult, SparseGPTOptions, WandaOptions
@@ -175,7 +176,7 @@ class OneShotPruningCallback(PruningCallback):
             name: {"block": report.block_index, "tokens": report.tokens, **report.stats}
             for name, report in reports.items()
         }
-        masks = {name: report.mask for name, report in reports.items()}
+        masks = PackedMasks({name: report.packed_mask for name, report in reports.items()})
         return PruningOutcome(_summarize(reports), layers, masks)
 
     @override
@@ -315,8 +316,11 @@ class MagnitudePruningCallback(OneShotPruningCallback):
 
 def _summarize(reports: Mapping[str, LayerReport]) -> dict[str, Any]:
     """Totals over the pruned layers (plain Python values, stored in checkpoints and ``sparsity.json``)."""
-    numel = sum(report.mask.numel() for report in reports.values())
-    removed = sum(int((~report.mask).sum()) for report in reports.values())
+    numel = removed = 0
+    for report in reports.values():  # one unpacked mask at a time
+        mask = report.mask
+        numel += mask.numel()
+        removed += int((~mask).sum())
     errors = {
         name: report.stats["rel_error"] for name, report in reports.items() if report.stats.get("rel_error") is not None
     }

@@ -40,6 +40,12 @@ from .result import PruneResult
 
 MAX_RESTARTS = 5
 
+#: Retries of a failed eigendecomposition with 10× more damping each, before falling back to the CPU.
+EIGH_RETRIES = 2
+
+#: Rows of the gram scaled at a time (bounds the ``outer(s, s)`` temporary).
+SCALE_ROWS = 1024
+
 #: Working precisions accepted for the ADMM iterations.
 ALPS_DTYPES = (torch.float32, torch.float64)
 
@@ -53,8 +59,9 @@ class ALPSOptions(SolverOptions):
         max_iter: cap on ADMM iterations (default 300).
         update_every: iterations between support-change checks and ρ updates (default 3).
         cg_iter: conjugate-gradient iterations of the refit on the final support (default 10; 0 skips it).
-        damp: ``λ = damp · mean(diag H)`` added to the diagonal (default 0.01). Raised automatically when the
-            damped, scaled gram is still numerically singular.
+        damp: ``λ = damp · mean(diag H)`` added to the diagonal (default 0.01). When the damped, scaled gram is
+            still numerically singular its spectrum is lifted; when the eigendecomposition fails, it is retried with
+            more damping, then on the CPU (see ``stats``).
         per_row: compare weights within each output row instead of over the whole layer (default False).
         dtype: working precision of the iterations (default float32); the eigendecomposition is done in float64.
     """
@@ -98,8 +105,11 @@ def alps(
 
     Returns:
         :class:`PruneResult` with ``stats``: ``rel_error``, ``rel_error_admm`` (before the refit), ``iterations``,
-        ``rho`` (final), ``support_changes`` (c at each check), ``restarts``, ``damp``, ``spectral_shift`` (added to
-        the scaled gram's diagonal when it was singular even after damping; normally 0), ``seconds``.
+        ``rho`` (final), ``support_changes`` (c at each check), ``restarts``, ``damp`` (the damping used: ``damp``
+        unless the eigendecomposition failed and was retried with more), ``eigh_device`` (where the
+        eigendecomposition ran: the gram's device type, or ``"cpu"`` after failures there), ``eigh_failures`` (one
+        message per failed attempt; normally empty), ``spectral_shift`` (added to the scaled gram's diagonal when it
+        was singular even after damping; normally 0), ``seconds``.
     """
     sparsity, nm = check_pattern(sparsity, nm)
     return solve_alps(weight, gram, sparsity, nm, ALPSOptions(**options))
@@ -113,15 +123,7 @@ def solve_alps(
     start = time.perf_counter()
     dtype = options.dtype
 
-    H, _ = damped_gram(gram, options.damp)
-    s = torch.diagonal(H).sqrt()
-    H_scaled = H / torch.outer(s, s)
-    mu, Q = torch.linalg.eigh(H_scaled)
-    shift = max(0.0, 1e-6 * float(mu[-1]) - float(mu[0]))
-    if shift:  # numerically singular even after damping: lift the spectrum instead of failing
-        mu = mu + shift
-        H_scaled.diagonal().add_(shift)
-    mu, Q, H_scaled, s = (t.to(dtype) for t in (mu, Q, H_scaled, s))
+    mu, Q, H_scaled, s, shift, eigh = _scaled_eigh(gram, options.damp, dtype)
 
     B0 = weight.detach().to(dtype) * s
     B0[:, dead_inputs(gram)] = 0  # they cannot affect the objective: score them lowest so they are pruned first
@@ -135,6 +137,7 @@ def solve_alps(
     D, mask, history, rho, iterations, restarts = _admm(
         G @ Q, Q, mu, B0, project, options.rho0, options.max_iter, options.update_every
     )
+    del Q, mu, B0  # dead once ADMM is done: freed before the refit
     new_weight = (D / s).to(weight.dtype)
     error_admm = error = relative_error(weight, new_weight, gram)
     if options.cg_iter:
@@ -152,10 +155,54 @@ def solve_alps(
         "rho": rho,
         "support_changes": history,
         "restarts": restarts,
-        "damp": options.damp,
         "spectral_shift": shift,
+        **eigh,
     }
     return PruneResult(new_weight, mask, stats)
+
+
+def _scaled_eigh(
+    gram: torch.Tensor, damp: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, dict[str, object]]:
+    """Eigendecomposition of the damped, scaled gram ``H' = Q diag(μ) Qᵀ``, in float64, returned in ``dtype``.
+
+    Returns ``(μ [in], Q [in, in], H' [in, in], s [in], shift, stats)``: ``s = sqrt(diag H)`` of the damped gram,
+    ``shift`` the lift added to ``μ`` and to ``H'``'s diagonal when ``H'`` is numerically singular even after
+    damping (normally 0), ``stats`` = ``damp`` (the damping used), ``eigh_device`` (``"cuda"``, ``"cpu"``, …) and
+    ``eigh_failures`` (one message per failed attempt).
+
+    ``torch.linalg.eigh`` can raise ``LinAlgError`` on an ill-conditioned input (cuSOLVER fails to converge): the
+    decomposition is retried :data:`EIGH_RETRIES` times with 10× more damping each, then, off the CPU, once on the
+    CPU (LAPACK) at the original damping; a ValueError after that. Memory: one float64 ``[in, in]`` buffer is
+    damped and scaled in place; while ``eigh`` runs, its float64 output and workspace come on top; ``H'`` and ``Q``
+    are then cast to ``dtype`` one after the other, each float64 copy freed as soon as it is cast.
+    """
+    device = gram.device
+    attempts = [(damp * 10**retry, device) for retry in range(EIGH_RETRIES + 1)]
+    if device.type != "cpu":
+        attempts.append((damp, torch.device("cpu")))
+    failures: list[str] = []
+    for damping, where in attempts:
+        H, _ = damped_gram(gram, damping)
+        s = torch.diagonal(H).sqrt()
+        for start in range(0, H.shape[0], SCALE_ROWS):  # H' = H / (s sᵀ), in place, a band of rows at a time
+            H[start : start + SCALE_ROWS].div_(torch.outer(s[start : start + SCALE_ROWS], s))
+        H = H.to(where)
+        try:
+            mu, Q = torch.linalg.eigh(H)
+        except torch.linalg.LinAlgError as error:
+            failures.append(f"{where.type} at damp={damping:g}: {error}")
+            continue
+        shift = max(0.0, 1e-6 * float(mu[-1]) - float(mu[0]))
+        if shift:  # numerically singular even after damping: lift the spectrum instead of failing
+            mu = mu + shift
+            H.diagonal().add_(shift)
+        H_scaled = H.to(device=device, dtype=dtype)
+        del H
+        Q = Q.to(device=device, dtype=dtype)
+        stats = {"damp": damping, "eigh_device": where.type, "eigh_failures": failures}
+        return mu.to(device=device, dtype=dtype), Q, H_scaled, s.to(dtype), shift, stats
+    raise ValueError(f"gram: eigendecomposition failed {len(failures)} times ({'; '.join(failures)})")
 
 
 def _admm(GQ, Q, mu, B0, project, rho0, max_iter, update_every):
@@ -178,24 +225,26 @@ def _admm(GQ, Q, mu, B0, project, rho0, max_iter, update_every):
         k = int(torch.count_nonzero(mask))
         raised = False
         history: list[int] = []
-        iterations = change = 0
+        iterations = 0
+        change = torch.zeros((), dtype=torch.int64, device=mask.device)  # read once per update_every iterations
         while iterations < max_iter:
             iterations += 1
             Z = numerator / (mu + rho)
             U = torch.addmm(E, Z, Q.T, beta=carry)
             previous, mask = mask, project(U)
-            change += int(torch.count_nonzero(mask & ~previous))
+            change += torch.count_nonzero(mask & ~previous)
             D = U * mask
             E = U.sub_(D)
             DQ_old, DQ = DQ, D @ Q
             next_rho = rho
             if iterations % update_every == 0:
-                history.append(change)
-                if change == 0:
+                changed = int(change)
+                history.append(changed)
+                if changed == 0:
                     break
                 raised = True
-                next_rho = rho * (1.3 if change > 0.1 * k else 1.2 if change > 0.005 * k else 1.1)
-                change = 0
+                next_rho = rho * (1.3 if changed > 0.1 * k else 1.2 if changed > 0.005 * k else 1.1)
+                change.zero_()
             numerator = Z.mul_(mu).sub_(DQ_old, alpha=rho).add_(DQ, alpha=rho + next_rho)
             carry, rho = rho / next_rho, next_rho
         if raised or restarts >= MAX_RESTARTS or iterations >= max_iter:
