@@ -84,7 +84,7 @@ def test_prune_only_fit_slims_exports_and_reloads(tmp_path, model_dir, datamodul
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     metadata = load_sparsity_metadata(tmp_path / "export")["metadata"]
     assert metadata["method"] == "fasp" and metadata["target_fraction"] == 0.25
-    assert metadata["layers"]["model.layers.0.mlp"]["width_after"] < 64
+    assert metadata["layers"]["model.layers.0.mlp"]["width_after"] < 128
 
 
 class OptimizerProbe(Callback):
