@@ -70,7 +70,8 @@ def test_recipe_prunes_finetunes_and_exports_with_the_mask_kept(method, tiny, tm
     assert record["metadata"], "the export records the pruning metadata"
     mask_callback = next((c for c in cli.trainer.callbacks if type(c).__name__ == "SparsityMaskCallback"), None)
     if mask_callback is None:  # structured pruning only: a smaller model, no zeros to keep
-        assert "fasp" in method and cli.model.model.config.model_type.endswith("_fasp")
+        config = cli.model.model.config  # the tiny value heads are one multiple of 8 wide: only the MLP narrows
+        assert "fasp" in method and (config.model_type.endswith("_fasp") or config.intermediate_size < 64)
         return
     assert mask_callback.masks
     for name, kept in mask_callback.masks.items():
