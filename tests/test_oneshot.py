@@ -1,13 +1,11 @@
 """The functional entry point: method and pattern plumbing, per-layer overrides, checks before any change, resume."""
 
-import json
-
 import pytest
 import torch
 from helpers import RecordedSteps, assert_exact_pattern, assert_same_tensors
 
 from lightning_prune import oneshot
-from lightning_prune.progress import SETTINGS_FILE, PruningProgress
+from lightning_prune.progress import PruningProgress
 
 
 def weights(model):
@@ -131,19 +129,19 @@ def test_a_rerun_takes_saved_blocks_as_recorded(tmp_path, tiny_model, calibratio
     """Saved blocks are restored, not solved again: a marker put into saved block 0 comes back in the result.
 
     The marker is written through the progress module's own API (open the directory with the settings it stores,
-    load the finished blocks, save block 0 again with one layer changed), as a run that saved it would have."""
+    load block 0, save it again with one layer changed: checksum and model fingerprint stay valid)."""
     run = tmp_path / "run"
     with pytest.raises(Interrupt):
         oneshot(
             tiny_model("llama"), calibration_batches(), "sparsegpt", 0.5, resume_dir=run, progress=crash_in_block(1)
         )
-    progress = PruningProgress(run, json.loads((run / SETTINGS_FILE).read_text()))
-    record = progress.finished_blocks()[0]
     layer = "model.layers.0.mlp.down_proj"
-    marked = record[layer]["weight"].clone()
-    marked[tuple(torch.nonzero(record[layer]["mask"])[0])] = 0.375  # a kept entry no solver would produce
-    record[layer] = {**record[layer], "weight": marked, "stats": {**record[layer]["stats"], "marker": "saved"}}
-    progress.save_block(0, record)
+    with PruningProgress(run) as progress:  # settings None: the stored ones
+        record = progress.load_block(0)
+        marked = record[layer]["weight"].clone()
+        marked[tuple(torch.nonzero(record[layer]["mask"])[0])] = 0.375  # a kept entry no solver would produce
+        record[layer] = {**record[layer], "weight": marked, "stats": {**record[layer]["stats"], "marker": "saved"}}
+        progress.save_block(0, record)
 
     model = tiny_model("llama")
     reports = oneshot(model, calibration_batches(), "sparsegpt", 0.5, resume_dir=run)
