@@ -134,9 +134,8 @@ def kept_weight_change(module, pruning):
 
 def assert_kept_weights_trained(module, pruning):
     """Each masked layer's kept weights moved, on average, by 0.2-2 AdamW steps of LEARNING_RATE per step (an AdamW
-    step moves a weight by about the learning rate)."""
+    step moves a weight by about the learning rate; 0.42-0.49 measured)."""
     changes = kept_weight_change(module, pruning)
-    print({name: round(change / (LEARNING_RATE * STEPS), 3) for name, change in changes.items()})
     assert all(0.2 < change / (LEARNING_RATE * STEPS) < 2 for change in changes.values()), changes
 
 
@@ -156,9 +155,8 @@ def test_adamw_weight_decay_bf16_and_clipping_cannot_revive_pruned_weights(tmp_p
     assert trainer.global_step == 50 and len(pruning.masks) == 2 * 7
     for name, values in pruned_weights(module, pruning.masks).items():
         assert values.numel() > 0 and bool((values == 0).all()), name
-    changes = kept_weight_change(module, pruning)  # the kept weights did train
-    print(changes)
-    assert min(changes.values()) > 0, changes
+    changes = kept_weight_change(module, pruning)  # the kept weights did train: 0.043-0.072 measured
+    assert min(changes.values()) > 0.02, changes
     logged = [m for m in recorder.metrics if "mask/nonzero_pruned" in m]
     assert len(logged) >= 4 and all(m["mask/nonzero_pruned"] == 0 for m in logged)
     assert logged[-1]["mask/model.layers.1.self_attn.q_proj/sparsity"] >= 0.5
@@ -257,8 +255,7 @@ def test_gradient_masking_alone_keeps_pruned_gradients_out_of_the_adamw_moments(
         torch.testing.assert_close(moments["exp_avg_sq"][~mask], exp_avg_sq[~mask] * beta2**STEPS, rtol=1e-5, atol=0)
         # while the kept entries' gradients did reach them
         received = (moments["exp_avg"][mask] - exp_avg[mask] * beta1**STEPS).abs().mean() / exp_avg[mask].abs().mean()
-        print("RECEIVED", name, float(received))
-        assert received > 0.3, (name, float(received))
+        assert received > 0.3, (name, float(received))  # 0.65-1.05 measured
     assert_kept_weights_trained(module, pruning)
 
 
