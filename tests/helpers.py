@@ -148,3 +148,40 @@ def tiny_model_and_data(directory: str | Path):
         str(model_dir), train_files=str(directory / "train.txt"), seq_len=16, batch_size=4, calibration_samples=8
     )
     return model_dir, data
+
+
+def assert_exact_pattern(mask: torch.Tensor, sparsity: float | None = None, nm=None, per_row: bool = False) -> None:
+    """Assert that the bool ``mask [out, in]`` (True = kept) follows the pattern, with counts worked out here from the
+    documented semantics rather than by the library's own ``kept_count`` (so an off-by-one there cannot hide):
+
+    * ``sparsity`` over the layer: exactly ``out·in − round(s·out·in)`` entries kept;
+    * ``sparsity`` with ``per_row``: exactly ``in − round(s·in)`` kept in every row;
+    * ``nm=(n, m)``: exactly n kept in every group of m consecutive inputs of each row.
+    """
+    assert mask.dtype == torch.bool and mask.dim() == 2, (mask.dtype, tuple(mask.shape))
+    out_features, in_features = mask.shape
+    if nm is not None:
+        n, m = nm
+        groups = mask.reshape(out_features, in_features // m, m).sum(dim=2)
+        assert bool((groups == n).all()), (
+            f"a group of {m} keeps other than {n}: {sorted(set(groups.flatten().tolist()))}"
+        )
+    elif per_row:
+        expected = in_features - round(sparsity * in_features)
+        rows = mask.sum(dim=1)
+        assert bool((rows == expected).all()), f"rows keep {sorted(set(rows.tolist()))}, expected {expected} each"
+    else:
+        expected = out_features * in_features - round(sparsity * out_features * in_features)
+        kept = int(torch.count_nonzero(mask))
+        assert kept == expected, f"mask keeps {kept} of {out_features}x{in_features}, expected {expected}"
+
+
+def assert_same_tensors(actual, expected) -> None:
+    """Assert that two ``{name: tensor}`` mappings (state dicts, named parameters) have exactly the same keys and
+    bit-identical tensors (a missing or extra key fails, unlike comparing with ``zip``)."""
+    actual, expected = dict(actual), dict(expected)
+    assert set(actual) == set(expected), (
+        f"missing {sorted(set(expected) - set(actual))}, extra {sorted(set(actual) - set(expected))}"
+    )
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import make_documents, make_tiny_causal_lm
+from helpers import assert_exact_pattern, assert_same_tensors, make_documents, make_tiny_causal_lm
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -24,7 +24,6 @@ from lightning_prune.callbacks import oneshot as oneshot_callbacks
 from lightning_prune.data import TextDataModule
 from lightning_prune.export import load_sparsity_metadata
 from lightning_prune.module import CausalLMModule
-from lightning_prune.solvers import check_mask
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYERS = [
@@ -171,7 +170,7 @@ def test_each_method_prunes_every_block_linear_before_the_first_training_step(
     assert sorted(callback.masks) == sorted(LAYERS)
     nm = (2, 4) if callback.options.mask_structure == "2:4" else None
     for name, mask in callback.masks.items():
-        check_mask(mask, None if nm else 0.5, nm=nm)
+        assert_exact_pattern(mask, None if nm else 0.5, nm=nm)
         assert int((~mask).sum()) == mask.numel() // 2
         assert torch.equal(probe.zeros[name], ~mask), name  # pruned zeros were in place at the first step
     assert torch.equal(probe.untouched["embed"], original.model.embed_tokens.weight)
@@ -216,7 +215,7 @@ def test_no_second_prune_on_refit_restored_state_or_resumed_checkpoint(tmp_path,
     trainer(tmp_path, [restored]).fit(module, datamodule=datamodule)
     assert oneshot_calls == ["wanda"]
     assert restored.pruned and restored.metadata == pruning.metadata and restored.masks == {}
-    assert all(torch.equal(m.weight, weights[name]) for name, m in linear_modules(module).items())
+    assert_same_tensors({name: m.weight for name, m in linear_modules(module).items()}, weights)
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = SparseGPTPruningCallback(0.5)
@@ -230,14 +229,17 @@ def test_no_second_prune_on_refit_restored_state_or_resumed_checkpoint(tmp_path,
     assert resumed.pruned and resumed.metadata["summary"] == first.metadata["summary"]
 
 
-def test_resume_dir_restores_finished_blocks_of_an_interrupted_pruning(tmp_path, model_dir, datamodule):
+def test_resume_dir_restores_finished_blocks_of_an_interrupted_pruning(tmp_path, model_dir, datamodule, solved):
     first, restored = CausalLMModule(model_dir), CausalLMModule(model_dir)
     blocks = str(tmp_path / "blocks")
     kept = SparseGPTPruningCallback(0.5, resume_dir=blocks, keep_resume_dir=True)
     trainer(tmp_path, [kept]).fit(first, datamodule=datamodule)
+    assert solved == LAYERS
+    solved.clear()
     finished = sorted(os.listdir(blocks))
     pruning = SparseGPTPruningCallback(0.5, resume_dir=blocks)
     trainer(tmp_path, [pruning]).fit(restored, datamodule=datamodule)
+    assert solved == []  # every block restored from the directory, none solved again
     assert sorted(pruning.masks) == sorted(LAYERS) and finished
     for name, module in linear_modules(restored).items():
         assert torch.equal(module.weight, linear_modules(first)[name].weight), name
