@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_prune.cli import main, run
 from lightning_prune.export import load_sparsity_metadata
+from lightning_prune.report import summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "alps-prune.yaml")
@@ -96,8 +97,10 @@ def test_allocation_flags_reach_the_export(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = ["--prune.method", "magnitude", "--prune.sparsity", "0.6", "--prune.allocation", "depth"]
     run(["prune", *arguments(tiny, tmp_path), *flags, "--prune.depth_slope", "0.05", "--export.dirpath", "out"])
-    metadata = load_sparsity_metadata(tmp_path / "out")["metadata"]
+    record = load_sparsity_metadata(tmp_path / "out")
+    metadata = record["metadata"]
     assert metadata["allocation"] == "depth" and metadata["depth_slope"] == 0.05
+    assert "magnitude at 0.6 unstructured, depth allocation per block" in summary_table(record)
     blocks = metadata["summary"]["block_sparsity"]
     assert metadata["summary"]["allocated_sparsity"] == pytest.approx(0.6, abs=1e-3) and blocks["0"] < blocks["1"]
 
