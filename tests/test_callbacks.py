@@ -324,6 +324,57 @@ def test_bad_arguments_raise_at_construction(make, message):
         make()
 
 
+def test_allocation_reaches_loggers_summary_and_sparsity_json_and_the_mask_holds(
+    tmp_path, model_dir, datamodule, caplog
+):
+    from lightning_prune.callbacks.mask import SparsityMaskCallback
+
+    pruning = SparseGPTPruningCallback(0.7, allocation="depth", depth_slope=0.1, sparsity_overrides={"k_proj": 0.5})
+    logger, probe = RecordingLogger(), SparsityProbe()
+    export = ExportPrunedModelCallback(str(tmp_path / "export"))
+    module = CausalLMModule(model_dir, learning_rate=1e-2)
+    with caplog.at_level(logging.INFO):
+        run = trainer(tmp_path, [pruning, SparsityMaskCallback(), probe, export], max_steps=3, logger=logger)
+        run.fit(module, datamodule=datamodule)
+    layers = pruning.metadata["layers"]
+    free = [name for name in LAYERS if not name.endswith("k_proj")]
+    removed = sum(int((~pruning.masks[name]).sum()) for name in free)
+    total = sum(pruning.masks[name].numel() for name in free)
+    assert removed == round(0.7 * total)
+    assert all(layers[name]["sparsity"] == 0.5 for name in LAYERS if name.endswith("k_proj"))
+    assert layers["model.layers.0.mlp.up_proj"]["sparsity"] < layers["model.layers.1.mlp.up_proj"]["sparsity"]
+    summary = pruning.metadata["summary"]
+    assert summary["allocated_sparsity"] == removed / total
+    assert list(summary["block_sparsity"]) == [0, 1] and summary["min_layer_sparsity"] == 0.5
+    metrics = logger.metrics
+    assert metrics["prune/allocated_sparsity"] == removed / total
+    assert metrics["prune/model.layers.1.mlp.up_proj/sparsity"] == layers["model.layers.1.mlp.up_proj"]["sparsity"]
+    assert "depth per block (β=0.1 per block)" in caplog.text
+    metadata = load_sparsity_metadata(tmp_path / "export")["metadata"]
+    assert metadata["allocation"] == "depth" and metadata["depth_slope"] == 0.1
+    assert metadata["summary"]["block_sparsity"] == {
+        "0": summary["block_sparsity"][0],
+        "1": summary["block_sparsity"][1],
+    }
+    for name, module_ in linear_modules(module).items():  # pruned zeros stayed through the training steps
+        assert bool((module_.weight[~pruning.masks[name]] == 0).all()), name
+    assert run.global_step == 3
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: ALPSPruningCallback(0.7, allocation="best"), "allocation must be one of"),
+        (lambda: SparseGPTPruningCallback(mask_structure="2:4", allocation="owl"), "needs unstructured pruning"),
+        (lambda: WandaPruningCallback(0.7, allocation="owl", owl_lambda=-1.0), "owl_lambda"),
+        (lambda: WandaPruningCallback(0.7, allocation="owl", max_sparsity=1.5), "max_sparsity must be in"),
+    ],
+)
+def test_bad_allocation_arguments_raise_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 class TakeDirectory(Callback):
     """Creates a directory holding a user's file when the fit starts (after setup, before any pruning)."""
 
