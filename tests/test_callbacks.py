@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from helpers import assert_exact_pattern, assert_same_tensors, make_documents, make_tiny_causal_lm
-from lightning.pytorch import Callback, Trainer
+from helpers import assert_exact_pattern, assert_same_tensors, make_documents, make_tiny_causal_lm, quiet_trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
@@ -61,18 +61,7 @@ def datamodule(model_dir, text_files, tmp_path):
 
 
 def trainer(tmp_path, callbacks, max_steps=0, **kwargs):
-    options = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return Trainer(max_steps=max_steps, callbacks=callbacks, **options)
+    return quiet_trainer(tmp_path, callbacks, accelerator="cpu", max_steps=max_steps, **kwargs)
 
 
 def linear_modules(module):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_documents, make_tiny_causal_lm
-from lightning.pytorch import Callback, Trainer
+from helpers import make_documents, make_tiny_causal_lm, quiet_trainer
+from lightning.pytorch import Callback
 from transformers import AutoModelForCausalLM
 
 from lightning_prune.callbacks import ExportPrunedModelCallback, FASPPruningCallback
@@ -41,18 +41,7 @@ def datamodule(model_dir, tmp_path):
 
 
 def fit(tmp_path, module, datamodule, callbacks, max_steps=0):
-    Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        callbacks=callbacks,
-    ).fit(module, datamodule=datamodule)
+    quiet_trainer(tmp_path, callbacks, accelerator="cpu", max_steps=max_steps).fit(module, datamodule=datamodule)
 
 
 def test_prune_only_fit_slims_exports_and_reloads(tmp_path, model_dir, datamodule, caplog):
