@@ -214,6 +214,18 @@ def test_measure_layers_skips_ignored_layers_and_blocks_after_the_last(calibrati
     assert len(statistics) == 2 * 6 and not any("q_proj" in name or "layers.2" in name for name in statistics)
 
 
+def test_layers_sharing_an_input_get_the_statistics_they_get_measured_alone(calibration_batches):
+    from lightning_prune.architectures import LayerSelection
+
+    model = four_blocks()
+    options = AllocationOptions("error", "layer")
+    together = measure_layers(model, calibration_batches(), options)
+    for name in ("k_proj", "o_proj", "up_proj", "down_proj"):  # q/k/v and gate/up share one reduction together
+        alone = measure_layers(model, calibration_batches(), options, selection=LayerSelection(targets=[name]))
+        assert len(alone) == 4
+        assert all(torch.equal(value.error_curve, together[layer].error_curve) for layer, value in alone.items())
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
