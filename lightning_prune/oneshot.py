@@ -14,7 +14,7 @@ callbacks (:mod:`lightning_prune.callbacks`) build it in their constructor and h
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +155,16 @@ class OneShotOptions:
         """Prune one layer (the driver's :data:`~lightning_prune.sequential.Solve`)."""
         return METHODS[self.method].solve(weight, gram, self.layer_sparsity(name), self.nm, self.solver)
 
+    def solve_together(
+        self, names: Sequence[str], weights: Mapping[str, torch.Tensor], gram: torch.Tensor, tokens: int
+    ) -> dict[str, PruneResult]:
+        """Prune layers that read the same input with the method's joint solve (the driver's
+        :data:`~lightning_prune.sequential.SolveShared`), each at its own sparsity."""
+        solve_shared = METHODS[self.method].solve_shared
+        sparsities = [self.layer_sparsity(name) for name in names]
+        results = solve_shared([weights[name] for name in names], gram, sparsities, self.nm, self.solver)
+        return dict(zip(names, results, strict=True))
+
     def settings(self) -> dict[str, Any]:
         """JSON-ready record of the options (the solver's complete, with defaults), for metadata and resume."""
         solver = {
@@ -253,6 +263,7 @@ def prune_oneshot(
         model,
         batches,
         options.solve,
+        solve_shared=options.solve_together if METHODS[options.method].solve_shared is not None else None,
         selection=options.selection,
         calibration=options.calibration,
         progress=progress,

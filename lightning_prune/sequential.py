@@ -10,10 +10,11 @@ Flow of :func:`prune_model`:
 3. Blocks after the last one with selected layers are never run.
 
 Memory (peak, besides the model itself): one block's calibration activations (see :mod:`lightning_prune.calibration`);
-the grams of the layers being solved, ``Σ in² × 4`` bytes (× 8 with ``gram_dtype=torch.float64``) on the layers'
-device: all selected layers of one block, or one true-sequential group; in CPU memory, for rollback and the
-report, a copy of every pruned layer's original weight (under ZeRO-3: of this process's partition only) and its
-bool mask (one byte per weight), kept until :func:`prune_model` returns.
+the grams of the layers being solved, ``Σ in² × 4`` bytes (× 8 with ``gram_dtype=torch.float64``; one gram per
+input: layers that read the same input share it) on the layers' device: all selected layers of one block, or one
+true-sequential group; in CPU memory, for rollback and the report, a copy of every pruned layer's original weight
+(under ZeRO-3: of this process's partition only) and its bool mask (one byte per weight), kept until
+:func:`prune_model` returns.
 
 The model may be in any dtype and on any device (or spread over devices); the driver does not move the model.
 Decoder blocks may return a tensor (transformers 5 LLaMA) or a tuple whose first item is the hidden states.
@@ -24,7 +25,7 @@ refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,10 @@ from .calibration import (
     collect_grams,
     device_of,
     propagate,
+    shared_inputs,
 )
 from .distributed.parallel import Processes
+from .distributed.zero import any_partitioned
 from .gram import GramAccumulator
 from .solvers.result import PruneResult
 from .steps import ProgressHook, check_progress
@@ -53,6 +56,13 @@ Solve = Callable[[str, torch.Tensor, torch.Tensor, int], PruneResult]
 ``name`` is the layer's full name in the model; ``weight`` a detached view of its current weight (model dtype, on the
 layer's device; never modify it in place); ``gram`` the undamped ``H = Σ xᵀx`` over ``tokens`` valid calibration
 tokens (``gram_dtype``, same device).
+"""
+
+SolveShared = Callable[[Sequence[str], Mapping[str, torch.Tensor], torch.Tensor, int], Mapping[str, PruneResult]]
+"""``solve_shared(names, {name: weight [out, in]}, gram [in, in], tokens) -> {name: PruneResult}``.
+
+The layers ``names`` read the same input (q/k/v, gate/up), so ``gram`` is the gram of each of them: one damping,
+scaling or decomposition serves them all. Weights and gram as for :data:`Solve`.
 """
 
 BlockEnd = Callable[[int, dict[str, dict[str, Any]]], None]
@@ -83,6 +93,7 @@ def prune_model(
     batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
     solve: Solve,
     *,
+    solve_shared: SolveShared | None = None,
     selection: LayerSelection = LayerSelection(),
     calibration: CalibrationOptions = CalibrationOptions(),
     progress: ProgressHook[PruneResult] | None = None,
@@ -110,6 +121,8 @@ def prune_model(
             ``input_ids`` and optionally ``attention_mask`` (1 = real token, 0 = padding; other keys are ignored),
             as a causal-LM dataloader yields. Padding tokens are excluded from every gram.
         solve: the layer solver, see :data:`Solve`.
+        solve_shared: the solver of layers that read the same input (found while their gram is accumulated, which
+            is done once for all of them), see :data:`SolveShared`; default None: ``solve`` on each of them.
         selection: which layers are pruned and in which groups (default: every linear layer of every block, each
             block's layers solved together).
         calibration: where activations live and how grams are summed (default: activations in CPU memory, float32
@@ -184,12 +197,23 @@ def prune_model(
                     for module in group.values():
                         rollback.keep_weight(module)
                     if record is None:
-                        grams = collect_grams(block, group, inputs, device, calibration.gram_dtype)
+                        # the gram pass's outputs are discarded: stop each batch once the layers have their inputs
+                        # (not under ZeRO-3, whose parameter prefetching follows whole forward passes)
+                        grams = collect_grams(
+                            block,
+                            group,
+                            inputs,
+                            device,
+                            calibration.gram_dtype,
+                            stop_early=not any_partitioned(block),
+                            any_process=None if processes is None else processes.any_,
+                        )
                         if processes is not None:
-                            for gram in grams.values():
+                            for names in shared_inputs(grams):
+                                gram = grams[names[0]]
                                 processes.sum_(gram.H)
                                 gram.tokens = processes.sum_int(gram.tokens)
-                        results = _solve_group(solve, read_weights(group), grams, processes, index)
+                        results = _solve_group(solve, solve_shared, read_weights(group), grams, processes, index)
                     else:
                         results = {
                             name: PruneResult(entry["weight"], entry["mask"], entry["stats"])
@@ -223,26 +247,47 @@ def _record(weight: torch.Tensor, report: LayerReport) -> dict[str, Any]:
 
 def _solve_group(
     solve: Solve,
+    solve_shared: SolveShared | None,
     weights: Mapping[str, torch.Tensor],
     grams: Mapping[str, GramAccumulator],
     processes: Processes | None,
     block_index: int,
 ) -> dict[str, PruneResult]:
-    """``{name: result}`` for one group of independent layer problems, solved here or shared with ``processes``."""
+    """``{name: result}`` for one group of layer problems, solved here or shared with ``processes``: layers that
+    read one input together by ``solve_shared`` when given, every other layer alone by ``solve``."""
+    tasks = shared_inputs(grams) if solve_shared is not None else [[name] for name in weights]
 
-    def solve_one(name: str) -> PruneResult:
-        return _solve_layer(solve, name, weights[name], grams[name])
+    def solve_task(names: Sequence[str]) -> dict[str, PruneResult]:
+        return _solve_layers(solve, solve_shared, {name: weights[name] for name in names}, grams[names[0]])
 
     if processes is None:
-        return {name: solve_one(name) for name in weights}
-    return processes.solve_shared(weights, solve_one, f"solving the layers of block {block_index}")
+        return {name: result for names in tasks for name, result in solve_task(names).items()}
+    return processes.solve_shared(weights, solve_task, tasks, f"solving the layers of block {block_index}")
 
 
-def _solve_layer(solve: Solve, name: str, weight: torch.Tensor, gram: GramAccumulator) -> PruneResult:
-    """Call ``solve`` on one layer (``weight``: its current ``[out, in]`` weight) and check its result."""
+def _solve_layers(
+    solve: Solve, solve_shared: SolveShared | None, weights: Mapping[str, torch.Tensor], gram: GramAccumulator
+) -> dict[str, PruneResult]:
+    """Solve the layers of ``weights`` (their current ``[out, in]`` weights), which all have ``gram`` (several: by
+    ``solve_shared``); check the results."""
+    names = list(weights)
     if gram.tokens == 0:
-        raise ValueError(f"layer {name} received no calibration token: the block's forward never calls it")
-    result = solve(name, weight, gram.H, gram.tokens)
+        raise ValueError(f"layer {names[0]} received no calibration token: the block's forward never calls it")
+    if len(names) == 1:
+        results = {names[0]: solve(names[0], weights[names[0]], gram.H, gram.tokens)}
+    else:
+        shared = solve_shared(names, weights, gram.H, gram.tokens)
+        if not isinstance(shared, Mapping) or set(shared) != set(names):
+            got = sorted(shared) if isinstance(shared, Mapping) else type(shared).__name__
+            raise ValueError(f"solve_shared must return {{name: PruneResult}} for the layers {names}, got {got}")
+        results = {name: shared[name] for name in names}
+    for name, result in results.items():
+        _check_result(name, weights[name], result)
+    return results
+
+
+def _check_result(name: str, weight: torch.Tensor, result: PruneResult) -> None:
+    """Raise ``ValueError`` naming layer ``name`` unless ``result`` is a finite PruneResult shaped like ``weight``."""
     if not isinstance(result, PruneResult):
         raise ValueError(f"solve must return a PruneResult for layer {name}, got {type(result).__name__}")
     shape = tuple(weight.shape)
@@ -253,4 +298,3 @@ def _solve_layer(solve: Solve, name: str, weight: torch.Tensor, gram: GramAccumu
         )
     if not bool(torch.isfinite(result.weight).all()):
         raise ValueError(f"solve returned a weight with NaN or Inf for layer {name}")
-    return result
