@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from typing_extensions import override
 
-from .embedded import EMBEDDED_PREFIX, resolve_embedded
+from .embedded import EMBEDDED_PREFIX, resolve_embedded, resolve_pretrained
 
 #: Accepted ``data_format`` values (the ``datasets`` packaged builders used to read local files).
 FORMATS = ("text", "json", "parquet")
@@ -230,9 +230,7 @@ class TextDataModule(LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         self.save_hyperparameters()
-        self._tokenizer_path = resolve_embedded(tokenizer_name_or_path, "tokenizer_name_or_path")
-        if not isinstance(self._tokenizer_path, str):
-            raise ValueError(f"tokenizer_name_or_path must name a tokenizer, not text: {tokenizer_name_or_path!r}")
+        self._tokenizer_path = resolve_pretrained(tokenizer_name_or_path, "tokenizer_name_or_path", marker=None)
         self._train_files = None if train_files is None else _resolve_embedded_patterns(train_files, "train_files")
         self._val_files = None if val_files is None else _resolve_embedded_patterns(val_files, "val_files")
         self.train_windows: PackedWindows | None = None

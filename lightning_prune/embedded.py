@@ -203,6 +203,37 @@ def resolve_embedded(value: str, argument: str = "value") -> str | list[str]:
     return [str(path) for path in _bible_split_files(name.split("/", 1)[1])]
 
 
+#: A Hugging Face hub repository id: ``name`` or ``namespace/name`` (letters, digits, ``-``, ``_``, ``.``).
+HUB_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
+
+
+def resolve_pretrained(value: str, argument: str, marker: str | None = "config.json") -> str:
+    """Where to load a model (or tokenizer) from: an ``embedded:`` name resolved, a local directory checked.
+
+    A value that exists on disk, or that cannot be a hub id (an absolute or ``./`` / ``~`` path, more than one
+    ``/``), must be a directory (holding ``marker`` when given); a value shaped like a hub id (``org/name``) that is
+    not on disk passes through, for ``from_pretrained`` to fetch.
+
+    Raises:
+        ValueError: naming ``argument``: an unknown ``embedded:`` name, the text of an embedded corpus, or a local
+            path that is missing, not a directory, or has no ``marker``.
+    """
+    resolved = resolve_embedded(value, argument)
+    if not isinstance(resolved, str):
+        raise ValueError(f"{argument} must name a model, got the text files of {value!r}")
+    if value.startswith(EMBEDDED_PREFIX):  # made by smollm2_dir, complete by construction
+        return resolved
+    path = Path(resolved).expanduser()
+    local = path.exists() or resolved.startswith(("/", ".", "~")) or not HUB_ID.match(resolved)
+    if not local:
+        return resolved
+    if not path.exists():
+        raise ValueError(f"{argument}: no such directory {resolved!r}")
+    if not path.is_dir() or (marker is not None and not (path / marker).is_file()):
+        raise ValueError(f"{argument}: {resolved!r} is not a Hugging Face model directory (no {marker} in it)")
+    return str(path)
+
+
 def _bible_split_files(split: str) -> list[Path]:
     """The files of one split of :func:`write_bible_splits` in ``<cache>/bible``, written there once, atomically."""
     target = cache_root() / BIBLE_SUBDIR

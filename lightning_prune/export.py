@@ -12,7 +12,13 @@ was given, and ``sparsity.json``::
       }
     }
 
-It reloads with ``AutoModelForCausalLM.from_pretrained(directory)``; pruned weights are stored as zeros (dense).
+and ``sparsity.png`` (:func:`lightning_prune.report.write_plot`: relative error and measured sparsity of every
+layer by block). Files are readable by the group and others as any ``save_pretrained`` output (less the umask).
+
+It reloads with ``AutoModelForCausalLM.from_pretrained(directory)``; pruned weights are stored as zeros (dense), in
+the model's dtype or the ``dtype`` asked for. A FASP model whose blocks differ in width (``model_type``
+``*_fasp``) also gets ``modeling_fasp.py`` and an ``auto_map`` in ``config.json``: stock transformers loads it with
+``trust_remote_code=True``, lightning_prune (which registers the type) without.
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import is_prunable
+from .report import PLOT_FILE, write_plot
+from .structured.models import write_remote_code
 
 #: Name of the metadata file written next to the weights.
 SPARSITY_FILE = "sparsity.json"
 
 #: Version of the ``sparsity.json`` layout written by :func:`save_pruned`.
 FORMAT_VERSION = 1
+
+#: The ``dtype`` values :func:`save_pruned` accepts besides None (the model's own dtype).
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -94,6 +105,7 @@ def save_pruned(
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Save ``model`` (safetensors), ``tokenizer`` and ``sparsity.json`` to ``directory``, all or nothing.
 
@@ -111,13 +123,15 @@ def save_pruned(
         overwrite: replace an existing ``directory`` (default ``False``).
         state_dict: the weights to save instead of the model's own (e.g. gathered from ZeRO-3 partitions with
             :func:`lightning_prune.distributed.zero.full_state_dict`); default None: ``model.state_dict()``.
+        dtype: the dtype of the saved floating-point weights, one of :data:`EXPORT_DTYPES` (or the torch dtype);
+            default None: the model's. The model itself is not changed (a cast copy is saved).
 
     Returns:
         The path of the saved directory.
 
     Raises:
-        ValueError: naming ``directory`` when it exists and ``overwrite`` is false, or ``metadata`` when it is not a
-            JSON-serializable mapping.
+        ValueError: naming ``directory`` when it exists and ``overwrite`` is false, ``metadata`` when it is not a
+            JSON-serializable mapping, or ``dtype`` when it is not one of :data:`EXPORT_DTYPES`.
     """
     directory = Path(directory)
     if directory.exists() and not overwrite:
@@ -128,13 +142,18 @@ def save_pruned(
         metadata_json = json.loads(json.dumps(dict(metadata or {}), default=_jsonable))
     except (TypeError, ValueError) as error:
         raise ValueError(f"metadata must be JSON-serializable: {error}") from None
+    dtype = check_export_dtype(dtype)
     if isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
     try:
+        if dtype is not None and dtype != model.dtype:
+            state_dict = cast_floating(model.state_dict() if state_dict is None else state_dict, dtype)
         model.save_pretrained(staging, state_dict=None if state_dict is None else dict(state_dict))
+        _record_dtype(staging, dtype or model.dtype)
+        write_remote_code(staging, model.config)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         record = {
@@ -143,6 +162,8 @@ def save_pruned(
             "measured": _measure(staging, linear_layer_names(model)),
         }
         (staging / SPARSITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_plot(record, staging / PLOT_FILE)
+        make_readable(staging)
         if directory.exists():
             previous = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
             os.replace(directory, previous / directory.name)
@@ -154,6 +175,47 @@ def save_pruned(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def check_export_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` as a torch dtype (None stays None); ValueError naming ``dtype`` unless None or one of
+    :data:`EXPORT_DTYPES` (names or torch dtypes)."""
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if dtype is not None and name not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be None (the model's) or one of {EXPORT_DTYPES}, got {dtype!r}")
+    return None if dtype is None else getattr(torch, name)
+
+
+def cast_floating(state_dict: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """``state_dict`` with its floating-point tensors cast to ``dtype`` (others as they are); tensors shared by
+    several keys (tied embeddings) stay shared, so ``save_pretrained`` still sees them tied."""
+    cast: dict[tuple, Tensor] = {}
+    result = {}
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+            if view not in cast:
+                cast[view] = tensor.to(dtype)
+            tensor = cast[view]
+        result[key] = tensor
+    return result
+
+
+def _record_dtype(directory: Path, dtype: torch.dtype) -> None:
+    """Write ``dtype`` into ``config.json`` (``save_pretrained`` records the model's own, not the saved weights')."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def make_readable(directory: Path) -> None:
+    """Give ``directory`` and everything in it the permissions of a plain save: ``0o777`` for folders and ``0o666``
+    for files, less the umask (the temporary folder and the safetensors files are created private, ``0o600``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def load_sparsity_metadata(directory: str | os.PathLike) -> dict[str, Any]:

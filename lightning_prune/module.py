@@ -15,20 +15,12 @@ from typing_extensions import override
 from . import structured  # noqa: F401  (registers the slimmed *_fasp model types, so FASP exports load)
 from .distributed.zero import outside_zero_init
 from .dtypes import native_dtype
-from .embedded import EMBEDDED_PREFIX, SMOLLM2_DTYPE, resolve_embedded
+from .embedded import EMBEDDED_PREFIX, SMOLLM2_DTYPE, resolve_pretrained
 from .evaluation import TokenPerplexity, token_nll
 
 #: Accepted ``dtype`` values: a torch floating dtype name, ``"auto"`` (the dtype the model was published in) or
 #: ``"native"`` (that dtype where the device multiplies it natively, else float32).
 DTYPES = ("float32", "bfloat16", "float16", "auto", "native")
-
-
-def _resolve_path(value: str, argument: str) -> str:
-    """``value`` with an ``embedded:`` model name replaced by its local directory (ValueError naming ``argument``)."""
-    path = resolve_embedded(value, argument)
-    if not isinstance(path, str):
-        raise ValueError(f"{argument} must name a model, got the text files of {value!r}")
-    return path
 
 
 def _linear_warmup(step: int, warmup_steps: int) -> float:
@@ -50,7 +42,9 @@ class CausalLMModule(LightningModule):
     ``attention_mask`` (``[batch, seq_len]``, 1 for real tokens). The model shifts labels by one itself.
 
     Logged metrics: ``train/loss`` (mean token NLL of the step, nats), ``val/loss`` (token-weighted mean NLL over
-    the whole validation set, nats) and ``val/perplexity`` (``exp(val/loss)``).
+    the whole validation set, nats) and ``val/perplexity`` (``exp(val/loss)``). A fit limited by ``max_steps``
+    validates after its last step too, whatever ``val_check_interval`` says, so the fine-tuned perplexity is always
+    reported (and Lightning's checkpoint callback, which saves after validation, writes the final checkpoint).
 
     Example::
 
@@ -113,9 +107,10 @@ class CausalLMModule(LightningModule):
         # record the tokenizer actually used, so it matches a datamodule's when Lightning merges both for loggers
         tokenizer_name_or_path = tokenizer_name_or_path or model_name_or_path
         self.save_hyperparameters()
-        self._model_path = _resolve_path(model_name_or_path, "model_name_or_path")
-        self._tokenizer_path = _resolve_path(tokenizer_name_or_path, "tokenizer_name_or_path")
+        self._model_path = resolve_pretrained(model_name_or_path, "model_name_or_path")
+        self._tokenizer_path = resolve_pretrained(tokenizer_name_or_path, "tokenizer_name_or_path", marker=None)
         self.model: PreTrainedModel | None = None
+        self.source_dtype: torch.dtype | None = None
         self.val_loss = MeanMetric()
         self.val_perplexity = TokenPerplexity()
 
@@ -126,22 +121,26 @@ class CausalLMModule(LightningModule):
 
     @override
     def configure_model(self) -> None:
-        """Load the model into ``self.model`` once, in this module's train/eval mode (later calls are no-ops)."""
+        """Load the model into ``self.model`` once, in this module's train/eval mode (later calls are no-ops), and
+        record the dtype its checkpoint is stored in as :attr:`source_dtype` (None when the config does not say);
+        exports default to it."""
         if self.model is not None:
             return
+        self.source_dtype = AutoConfig.from_pretrained(self._model_path).dtype
         dtype = self._load_dtype()
         with outside_zero_init():  # the DeepSpeed engine partitions the loaded model itself
             model = AutoModelForCausalLM.from_pretrained(self._model_path, dtype=dtype)
         self.model = model.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as found
 
     def _load_dtype(self) -> torch.dtype:
-        """The torch dtype the ``dtype`` argument names, resolving ``"auto"`` and ``"native"``."""
+        """The torch dtype the ``dtype`` argument names, resolving ``"auto"`` and ``"native"`` (after
+        :attr:`source_dtype` is read)."""
         if self.hparams.dtype not in ("auto", "native"):
             return getattr(torch, self.hparams.dtype)
         if self.hparams.model_name_or_path == f"{EMBEDDED_PREFIX}smollm2":
             published = SMOLLM2_DTYPE
         else:
-            published = AutoConfig.from_pretrained(self._model_path).dtype or torch.float32
+            published = self.source_dtype or torch.float32
             published = getattr(torch, published) if isinstance(published, str) else published
         if self.hparams.dtype == "auto":
             return published
@@ -158,6 +157,13 @@ class CausalLMModule(LightningModule):
         loss = self(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"]).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After the last step of a fit limited by ``max_steps``, ask to stop: Lightning then validates once more."""
+        trainer = self.trainer
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -47,7 +47,7 @@ from .distributed.parallel import Processes
 from .distributed.zero import any_partitioned
 from .gram import GramAccumulator
 from .solvers.result import PruneResult
-from .steps import ProgressHook, check_progress
+from .steps import PlannedStep, ProgressHook, announce, check_progress
 from .weights import Rollback, read_weights, write_weights
 
 Solve = Callable[[str, torch.Tensor, torch.Tensor, int], PruneResult]
@@ -127,7 +127,8 @@ def prune_model(
             block's layers solved together).
         calibration: where activations live and how grams are summed (default: activations in CPU memory, float32
             grams).
-        progress: optional :class:`~lightning_prune.steps.ProgressHook`: ``begin(number of layers)``, then
+        progress: optional :class:`~lightning_prune.steps.ProgressHook`: ``begin(number of layers)`` (and
+            ``plan(steps)``, each layer with its block, when the hook has that method), then
             ``step(name, block_index, n_blocks, result)`` after each layer's new weight is written.
         finished: blocks already pruned by an earlier run, ``{block index: {layer name: {"weight" [out, in], "mask",
             "stats", "tokens"}}}`` (see :mod:`lightning_prune.progress`): their weights are written as recorded
@@ -181,8 +182,7 @@ def prune_model(
     with calibration_mode(model):
         try:
             inputs = capture_block_inputs(model, blocks[0], batches, storage)
-            if progress is not None:
-                progress.begin(sum(len(group) for groups in plan for group in groups))
+            announce(progress, _planned_steps(plan))
             for index in range(last + 1):
                 block = blocks[index]
                 device = device_of(block)
@@ -234,6 +234,11 @@ def prune_model(
             rollback.restore()
             raise
     return reports
+
+
+def _planned_steps(plan: list[list[dict[str, nn.Module]]]) -> list[PlannedStep]:
+    """Every selected layer in solving order, with its block."""
+    return [PlannedStep(name, index) for index, groups in enumerate(plan) for group in groups for name in group]
 
 
 def _record(weight: torch.Tensor, report: LayerReport) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The pruning and export callbacks in real Trainer fits on a tiny LLaMA: when they prune, logging, resume, export."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -232,12 +233,18 @@ def test_no_second_prune_on_refit_restored_state_or_resumed_checkpoint(tmp_path,
 def test_resume_dir_restores_finished_blocks_of_an_interrupted_pruning(tmp_path, model_dir, datamodule):
     first, restored = CausalLMModule(model_dir), CausalLMModule(model_dir)
     blocks = str(tmp_path / "blocks")
-    trainer(tmp_path, [SparseGPTPruningCallback(0.5, resume_dir=blocks)]).fit(first, datamodule=datamodule)
+    kept = SparseGPTPruningCallback(0.5, resume_dir=blocks, keep_resume_dir=True)
+    trainer(tmp_path, [kept]).fit(first, datamodule=datamodule)
+    finished = sorted(os.listdir(blocks))
     pruning = SparseGPTPruningCallback(0.5, resume_dir=blocks)
     trainer(tmp_path, [pruning]).fit(restored, datamodule=datamodule)
-    assert sorted(pruning.masks) == sorted(LAYERS)
+    assert sorted(pruning.masks) == sorted(LAYERS) and finished
     for name, module in linear_modules(restored).items():
         assert torch.equal(module.weight, linear_modules(first)[name].weight), name
+    assert not os.path.exists(blocks), "a successful fit without keep_resume_dir removes the resume folder"
+    trainer(tmp_path, [SparseGPTPruningCallback(0.5, resume_dir=blocks, keep_resume_dir=True)]).fit(
+        CausalLMModule(model_dir), datamodule=datamodule
+    )
     with pytest.raises(ValueError, match="other settings"):
         other = SparseGPTPruningCallback(0.6, resume_dir=blocks)
         trainer(tmp_path, [other]).fit(CausalLMModule(model_dir), datamodule=datamodule)

@@ -11,7 +11,7 @@ import yaml
 from helpers import make_documents, make_tiny_causal_lm
 
 from lightning_prune import embedded
-from lightning_prune.cli import main
+from lightning_prune.cli import main, run
 from lightning_prune.data import TextDataModule
 from lightning_prune.export import load_sparsity_metadata
 from lightning_prune.module import CausalLMModule
@@ -75,17 +75,15 @@ def test_composed_config_swaps_the_method_as_the_readme_shows(tiny, tmp_path, mo
     small.write_text("data:\n  seq_len: 16\n  batch_size: 4\n  calibration_samples: 8\n")
     swap = tmp_path / "sparsegpt-2of4.yaml"
     swap.write_text(
-        "trainer:\n  callbacks:\n"
-        "    - class_path: lightning_prune.callbacks.SparseGPTPruningCallback\n"
-        "      init_args: {sparsity: null, mask_structure: '2:4', evaluate: true, eval_batches: 4}\n"
-        "    - class_path: lightning_prune.callbacks.ExportPrunedModelCallback\n"
-        "      init_args: {dirpath: pruned/smollm2-sparsegpt-2of4, overwrite: true}\n"
+        "prune:\n  init_args: {method: sparsegpt, sparsity: null, mask_structure: '2:4'}\n"
+        "export:\n  dirpath: pruned/smollm2-sparsegpt-2of4\n"
     )
     for _ in range(2):  # a second run into the same directories succeeds
-        main(["fit", "--config", RECIPE, "--config", str(small), "--config", str(swap), *overrides(tiny, tmp_path)])
+        main(["prune", "--config", RECIPE, "--config", str(small), "--config", str(swap), *overrides(tiny, tmp_path)])
     record = load_sparsity_metadata(tmp_path / "pruned" / "smollm2-sparsegpt-2of4")
     assert record["metadata"]["method"] == "sparsegpt" and record["metadata"]["mask_structure"] == "2:4"
     assert record["measured"]["total"]["sparsity"] == 0.5
+    assert not (tmp_path / "pruned" / "smollm2-alps-70").exists()  # the recipe's export was replaced
 
 
 def test_unknown_callback_argument_in_yaml_fails_at_parse_time(tiny, tmp_path, capsys):
@@ -102,13 +100,14 @@ def test_unknown_callback_argument_in_yaml_fails_at_parse_time(tiny, tmp_path, c
 def test_bad_callback_value_fails_when_the_cli_instantiates_before_any_fit(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", RECIPE, *overrides(tiny, tmp_path), "--model.model_name_or_path", "no/such/model"]
+    args += ["--prune", "null"]  # the list form below prunes
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "trainer:\n  callbacks:\n    - class_path: lightning_prune.callbacks.ALPSPruningCallback\n"
         "      init_args:\n        sparsity: 1.5\n"
     )
     with pytest.raises(ValueError, match="sparsity must be in"):  # not the missing model: nothing was loaded
-        main([*args, "--config", str(bad)])
+        run([*args, "--config", str(bad)])
 
 
 def test_embedded_names_resolve_and_unknown_ones_list_the_accepted(tmp_path, monkeypatch):

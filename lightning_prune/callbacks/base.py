@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from ..evaluation import perplexity
-from ..steps import ProgressHook
+from ..steps import PlannedStep, ProgressHook
 
 #: Prefix of every metric the pruning callbacks send to the trainer's loggers.
 METRIC_PREFIX = "prune"
@@ -289,8 +289,8 @@ class PruningCallback(Callback):
 
     @contextmanager
     def _progress_bar(self, trainer: Trainer, loggers: Sequence[Any]) -> Iterator[ProgressHook[Any]]:
-        """A Lightning-style tqdm bar over the pruning steps, as the driver's progress hook that also logs each
-        step's metrics; the bar is disabled off rank zero or without a progress bar."""
+        """A tqdm bar over the pruning, as the driver's progress hook that also logs each step's metrics; disabled
+        off rank zero or without a progress bar."""
         progress_bar = trainer.progress_bar_callback
         bar = Tqdm(
             desc=f"Pruning ({self.progress_label})",
@@ -300,7 +300,8 @@ class PruningCallback(Callback):
             dynamic_ncols=True,
             file=sys.stdout,
             smoothing=0,
-            bar_format=TQDMProgressBar.BAR_FORMAT,
+            miniters=0,  # redraw at every step (tqdm would otherwise learn to wait for a whole block)
+            delay=1e-3,  # first drawn by the driver's begin(), once the total is known
         )
         try:
             yield _BarHook(self, bar, loggers, trainer.global_step)
@@ -308,14 +309,30 @@ class PruningCallback(Callback):
             bar.close()
 
 
+#: The pruning bar: percentage, blocks (or steps) done, elapsed and remaining time, the last step and its error.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} {unit}s [{elapsed}<{remaining}{postfix}]"
+
+
 class _BarHook:
-    """The driver's :class:`~lightning_prune.steps.ProgressHook`: sets the bar's total, advances it, logs metrics."""
+    """The driver's :class:`~lightning_prune.steps.ProgressHook`: advances the bar, logs each step's metrics.
+
+    Once the driver has announced its steps (:meth:`plan`), the bar counts decoder blocks, advanced when a block's
+    last step is done: a block's calibration pass and its layers' solves differ ~100× in cost, so the time left is
+    estimated from whole blocks. Each step still shows its name and error. Without a plan it counts steps."""
 
     def __init__(self, callback: PruningCallback, bar: Tqdm, loggers: Sequence[Any], step: int) -> None:
         self.callback, self.bar, self.loggers, self.global_step = callback, bar, loggers, step
+        self.block_ends: set[str] | None = None
 
     def begin(self, total: int) -> None:
+        self.bar.bar_format = BAR_FORMAT  # needs the total, known from here on
         self.bar.reset(total=total)
+
+    def plan(self, steps: Sequence[PlannedStep]) -> None:
+        last = {planned.block_index: planned.name for planned in steps}
+        self.block_ends = set(last.values())
+        self.bar.unit = "block"
+        self.bar.reset(total=len(last))
 
     def step(self, name: str, block_index: int, n_blocks: int, result: Any) -> None:
         metrics = self.callback.step_metrics(result)
@@ -324,8 +341,9 @@ class _BarHook:
                 {f"{METRIC_PREFIX}/{name}/{key}": value for key, value in metrics.items() if value is not None},
                 step=self.global_step,
             )
-        self.bar.set_postfix(block=f"{block_index + 1}/{n_blocks}", rel_error=metrics.get("rel_error"), refresh=False)
-        self.bar.update()
+        error = metrics.get("rel_error")
+        self.bar.set_postfix_str(name + ("" if error is None else f" rel_error={error:.3g}"), refresh=False)
+        self.bar.update(1 if self.block_ends is None or name in self.block_ends else 0)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from ..distributed.zero import any_partitioned, full_state_dict
-from ..export import save_pruned
+from ..export import EXPORT_DTYPES, check_export_dtype, save_pruned
 from .base import PruningCallback
 
 
@@ -39,6 +39,10 @@ class ExportPrunedModelCallback(Callback):
         dirpath: directory to write (its parent is created if missing).
         overwrite: replace an existing ``dirpath`` (default False). The check is made when the fit starts, so a
             run never prunes for minutes only to find the directory taken.
+        dtype: dtype of the saved weights, ``"float32"``, ``"bfloat16"`` or ``"float16"``; default None: the dtype
+            the model's checkpoint was stored in (``pl_module.source_dtype``, which
+            :class:`~lightning_prune.module.CausalLMModule` records), else the model's current dtype. A string so
+            that YAML configs can set it.
 
     Raises:
         ValueError: when the fit starts: ``dirpath`` exists and ``overwrite`` is False, or a pruning callback comes
@@ -49,13 +53,15 @@ class ExportPrunedModelCallback(Callback):
         ``on_fit_end``: list this callback **after** the pruning callbacks (checked when the fit starts).
     """
 
-    def __init__(self, dirpath: str, overwrite: bool = False) -> None:
+    def __init__(self, dirpath: str, overwrite: bool = False, dtype: str | None = None) -> None:
         if not isinstance(dirpath, str) or not dirpath:
             raise ValueError(f"dirpath must be a non-empty directory path, got {dirpath!r}")
         if not isinstance(overwrite, bool):
             raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+        check_export_dtype(dtype)
         self.dirpath = dirpath
         self.overwrite = overwrite
+        self.dtype = dtype
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -83,6 +89,8 @@ class ExportPrunedModelCallback(Callback):
         state_dict = full_state_dict(model, keep=trainer.is_global_zero) if any_partitioned(model) else None
         if not trainer.is_global_zero:
             return
+        source = getattr(pl_module, "source_dtype", None)
+        dtype = self.dtype or (source if str(source).removeprefix("torch.") in EXPORT_DTYPES else model.dtype)
         path = save_pruned(
             model,
             self.dirpath,
@@ -90,8 +98,12 @@ class ExportPrunedModelCallback(Callback):
             metadata=_pruning_metadata(trainer),
             overwrite=self.overwrite,
             state_dict=state_dict,
+            dtype=dtype,
         )
-        rank_zero_info(f"Saved the pruned model to {path}")
+        what = "fine-tuned" if trainer.global_step > 0 else "pruned"
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+        dtype_name = str(dtype).removeprefix("torch.")
+        rank_zero_info(f"Saved the {what} model ({dtype_name}, {size:,.0f} MB) to {path}")
 
 
 def _pruning_metadata(trainer: Trainer) -> dict[str, Any]:

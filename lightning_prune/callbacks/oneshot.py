@@ -4,10 +4,12 @@ solver's own (the fields of its options class)."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from ..oneshot import UNSTRUCTURED, OneShotOptions, prune_oneshot
@@ -71,7 +73,9 @@ class OneShotPruningCallback(PruningCallback):
         eval_batches: with ``evaluate``, use only the first that many validation batches; None (default): all.
         resume_dir: a directory where each finished block is saved (:mod:`lightning_prune.progress`): a run that
             crashed or was requeued mid-pruning resumes at the next block when rerun with the same arguments and
-            calibration data. Default None: nothing saved.
+            calibration data. Default None: nothing saved. It is removed when the fit ends successfully (after the
+            export) unless ``keep_resume_dir``.
+        keep_resume_dir: keep ``resume_dir`` after a successful fit (default False).
 
     Raises:
         ValueError: at construction, naming the argument, for any bad value (the arguments become one
@@ -112,8 +116,12 @@ class OneShotPruningCallback(PruningCallback):
         evaluate: bool = False,
         eval_batches: int | None = None,
         resume_dir: str | None = None,
+        keep_resume_dir: bool = False,
     ) -> None:
         super().__init__(num_calibration_batches, evaluate, eval_batches)
+        if not isinstance(keep_resume_dir, bool):
+            raise ValueError(f"keep_resume_dir must be True or False, got {keep_resume_dir!r}")
+        self.keep_resume_dir = keep_resume_dir
         self.options = OneShotOptions(
             method,
             sparsity,
@@ -132,6 +140,15 @@ class OneShotPruningCallback(PruningCallback):
     @override
     def settings(self) -> dict[str, Any]:
         return self.options.settings()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """After a fit that ended normally (Lightning skips this hook after an error), on rank zero: remove
+        ``resume_dir`` unless ``keep_resume_dir``; its blocks are in the model and its export by then."""
+        resume_dir = self.options.resume_dir
+        if stage == "fit" and self.pruned and resume_dir is not None and not self.keep_resume_dir:
+            if trainer.is_global_zero:
+                shutil.rmtree(resume_dir, ignore_errors=True)
 
     @property
     @override

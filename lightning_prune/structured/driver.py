@@ -53,7 +53,7 @@ from ..calibration import (
 )
 from ..gram import GramAccumulator
 from ..solvers.fasp import ColumnPruneResult, FASPOptions, solve_fasp
-from ..steps import ProgressHook, check_progress
+from ..steps import PlannedStep, ProgressHook, announce, check_progress
 from ..weights import Rollback
 from .models import check_slimmable, group_width, linear_like, record_widths, replace_module, slim_attention
 from .options import StructuredOptions
@@ -180,8 +180,7 @@ def prune_structured(
         try:
             if active:
                 inputs = capture_block_inputs(model, blocks[0], batches, storage)
-                if progress is not None:
-                    progress.begin(sum(1 for ratio in ratios.values() if ratio > 0))
+                announce(progress, _planned_steps(len(blocks), path, groups, ratios))
                 for index in range(active[-1] + 1):
                     block, device = blocks[index], device_of(blocks[index])
                     replays: dict[str, list[Any]] = {}
@@ -310,6 +309,14 @@ def _replace_group(
     if group.attention:
         num_kv_heads = attention_heads(model.config)[1]
         rollback.add(slim_attention(block.get_submodule(group.attention), rows.numel() // num_kv_heads))
+
+
+def _planned_steps(
+    n_blocks: int, path: str, groups: tuple[CouplingGroup, ...], ratios: Mapping[str, float]
+) -> list[PlannedStep]:
+    """Every coupled group to prune, in order, with its block."""
+    names = ((f"{path}.{index}.{group.name}", index) for index in range(n_blocks) for group in groups)
+    return [PlannedStep(name, index) for name, index in names if ratios[name] > 0]
 
 
 def _count(model: nn.Module) -> int:
