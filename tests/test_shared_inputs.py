@@ -48,7 +48,8 @@ def test_layers_reading_one_input_share_one_gram_equal_to_their_own(family, tiny
     groups = shared_inputs(together)
     assert len(groups) == len(SHARING[family])
     for names, suffixes in zip(groups, SHARING[family]):
-        assert all(name.endswith(suffix) for name, suffix in zip(names, suffixes, strict=True)), names
+        assert sorted(suffix for suffix in suffixes for name in names if name.endswith(suffix)) == sorted(suffixes)
+        assert len(names) == len(suffixes), names  # in module order (OPT defines k, v, q), not forward order
         assert all(together[name] is together[names[0]] for name in names)
         for name in names:  # bit for bit what the layer accumulates alone
             assert together[name].tokens == alone[name].tokens == 56
