@@ -89,8 +89,8 @@ class ALPSOptions(SolverOptions):
             damped, scaled gram is still numerically singular.
         per_row: compare weights within each output row instead of over the whole layer (default False).
         dtype: working precision of the iterations (default float32); the eigendecomposition is done in float64.
-        schedule: the ρ schedule, a name of :data:`SCHEDULES`: ``"paper"`` (default: the published schedule; with
-            ``stack=False`` it gives, bit for bit, the results of the versions before stacking) or ``"fast"``.
+        schedule: the ρ schedule, a name of :data:`SCHEDULES`: ``"fast"`` (default) or ``"paper"`` (the published
+            schedule; with ``stack=False`` it gives, bit for bit, the results of the versions before ``"fast"``).
         stack: layers solved together (:func:`alps_shared`) run as one stacked problem, each with its own ρ
             schedule and pattern, so the matrix products are larger (default True); False solves them one by one
             in their shared eigenbasis. Either way each layer gets its own solve, up to float rounding.
@@ -103,7 +103,7 @@ class ALPSOptions(SolverOptions):
     damp: float = 0.01
     per_row: bool = False
     dtype: torch.dtype = torch.float32
-    schedule: str = "paper"
+    schedule: str = "fast"
     stack: bool = True
 
     def __post_init__(self) -> None:
