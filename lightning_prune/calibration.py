@@ -183,17 +183,23 @@ def capture_block_inputs(
     """Run the model until its first block on every batch; return what the block received, per batch.
 
     ``storage``: where the captured inputs are kept (``"cpu"``, or None: where the model produced them).
+
+    Raises:
+        ValueError: for a model with weights on the ``meta`` device, a malformed batch or token ids outside the
+            vocabulary (see :func:`unpack_batch`), no batch or no valid token.
     """
 
     def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
         raise _BlockInputsCaught(args, kwargs)
 
+    check_materialized(model)
     device = input_device(model)
+    vocab_size = vocabulary_size(model)
     captured = []
     handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for index, batch in enumerate(batches):
-            input_ids, attention_mask = unpack_batch(batch, index)
+            input_ids, attention_mask = unpack_batch(batch, index, vocab_size)
             try:
                 model(
                     input_ids=input_ids.to(device),
@@ -230,12 +236,14 @@ def capture_block_inputs(
     return captured
 
 
-def unpack_batch(batch: object, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def unpack_batch(batch: object, index: int, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(input_ids [batch, seq], attention_mask [batch, seq] or None)`` of one batch (``batches[index]``).
+
+    ``vocab_size``: when given, every token id must lie in ``[0, vocab_size)`` (see :func:`vocabulary_size`).
 
     Raises:
         ValueError: naming ``batches[index]`` for anything but an integer tensor or a mapping with ``input_ids``
-            (and an ``attention_mask`` shaped like them).
+            (and an ``attention_mask`` shaped like them), or for a token id outside the vocabulary.
     """
     if isinstance(batch, torch.Tensor):
         input_ids, attention_mask = batch, None
@@ -263,7 +271,29 @@ def unpack_batch(batch: object, index: int) -> tuple[torch.Tensor, torch.Tensor 
         raise ValueError(
             f"batches[{index}]: attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}"
         )
+    if vocab_size is not None and input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"batches[{index}]: input_ids must lie in [0, {vocab_size}) (the model's vocabulary), got ids from "
+                f"{low} to {high}; was the data tokenized for another model?"
+            )
     return input_ids, attention_mask
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Number of rows of ``model``'s input embedding (the valid token ids are ``[0, size)``); None if unknown."""
+    return getattr(input_embeddings(model), "num_embeddings", None)
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first parameter or buffer of ``model`` on the ``meta`` device (no data)."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"model: {name} is on the meta device (it holds no values): load the weights onto a real device "
+                "first (e.g. from_pretrained without an init_empty_weights / offloading device_map)"
+            )
 
 
 def collect_grams(
@@ -368,13 +398,17 @@ def _gram_hook(
 
 def input_device(model: nn.Module) -> torch.device:
     """Where the model's input ids go: the input embedding's device, else the first parameter's."""
+    embeddings = input_embeddings(model)
+    return device_of(model if embeddings is None else embeddings)
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()`` when the model has one (a transformers model), else None."""
     try:
         embeddings = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
-        embeddings = None
-    if isinstance(embeddings, nn.Module):
-        return device_of(embeddings)
-    return device_of(model)
+        return None
+    return embeddings if isinstance(embeddings, nn.Module) else None
 
 
 def device_of(module: nn.Module) -> torch.device:

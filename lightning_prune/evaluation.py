@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from .calibration import unpack_batch
+from .calibration import check_materialized, unpack_batch, vocabulary_size
 
 #: Label value that excludes a position from the loss (padding), as in Hugging Face models.
 IGNORE_INDEX = -100
@@ -54,17 +54,20 @@ def perplexity(model: torch.nn.Module, batches: Iterable[Any], device: torch.dev
     Runs under ``torch.no_grad()``; the model's training flag is restored. NLL sums are accumulated in float64.
 
     Raises:
-        ValueError: naming ``batches[i]`` for a malformed batch, or when the batches hold no scored token.
+        ValueError: naming ``batches[i]`` for a malformed batch or token ids outside the vocabulary, naming a
+            parameter of ``model`` left on the ``meta`` device, or when the batches hold no scored token.
     """
+    check_materialized(model)
     if device is None:
         device = next(model.parameters()).device
+    vocab_size = vocabulary_size(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         with torch.no_grad():
             for index, batch in enumerate(batches):
-                input_ids, attention_mask = unpack_batch(batch, index)
+                input_ids, attention_mask = unpack_batch(batch, index, vocab_size)
                 input_ids = input_ids.to(device)
                 attention_mask = None if attention_mask is None else attention_mask.to(device)
                 labels = batch.get("labels") if isinstance(batch, Mapping) else None

@@ -19,12 +19,20 @@ It reloads with ``AutoModelForCausalLM.from_pretrained(directory)``; pruned weig
 the model's dtype or the ``dtype`` asked for. A FASP model whose blocks differ in width (``model_type``
 ``*_fasp``) also gets ``modeling_fasp.py`` and an ``auto_map`` in ``config.json``: stock transformers loads it with
 ``trust_remote_code=True``, lightning_prune (which registers the type) without.
+
+Writes are all or nothing: everything goes to a hidden sibling ``.<name>.<token>.partial`` that is renamed into
+place at the end; replacing an earlier export first renames it to ``.<name>.<token>.old``. A process killed
+between those two renames leaves no ``<name>``: :func:`recover_export` (run by the next :func:`save_pruned` or
+:func:`load_sparsity_metadata` of that directory) finishes the swap, and removes the ``.partial`` / ``.old``
+leftovers of killed exports. Overwriting only ever replaces an earlier export (a directory with our
+``sparsity.json``) or an empty directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -120,7 +128,8 @@ def save_pruned(
             alongside; ``None`` (default) saves none.
         metadata: JSON-serializable dict recorded as ``sparsity.json["metadata"]`` (tensors and numpy values are
             converted to lists / numbers); ``None`` (default) records ``{}``.
-        overwrite: replace an existing ``directory`` (default ``False``).
+        overwrite: replace an existing ``directory`` (default ``False``) if it is an earlier export (it holds a
+            ``sparsity.json`` written by this function) or empty; anything else is refused, untouched.
         state_dict: the weights to save instead of the model's own (e.g. gathered from ZeRO-3 partitions with
             :func:`lightning_prune.distributed.zero.full_state_dict`); default None: ``model.state_dict()``.
         dtype: the dtype of the saved floating-point weights, one of :data:`EXPORT_DTYPES` (or the torch dtype);
@@ -130,12 +139,13 @@ def save_pruned(
         The path of the saved directory.
 
     Raises:
-        ValueError: naming ``directory`` when it exists and ``overwrite`` is false, ``metadata`` when it is not a
+        ValueError: naming ``directory`` when it exists and ``overwrite`` is false or it is not an earlier export
+            or an empty directory (checked again right before the swap), ``metadata`` when it is not a
             JSON-serializable mapping, or ``dtype`` when it is not one of :data:`EXPORT_DTYPES`.
     """
     directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise ValueError(f"directory {str(directory)!r} already exists: choose another or pass overwrite=True")
+    recover_export(directory)
+    check_export_target(directory, overwrite)
     if metadata is not None and not isinstance(metadata, Mapping):
         raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
     try:
@@ -164,17 +174,101 @@ def save_pruned(
         (staging / SPARSITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
         write_plot(record, staging / PLOT_FILE)
         make_readable(staging)
-        if directory.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-            os.replace(directory, previous / directory.name)
-            os.replace(staging, directory)
-            shutil.rmtree(previous)
-        else:
-            os.replace(staging, directory)
+        _swap_into_place(staging, directory, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def check_export_target(directory: str | os.PathLike, overwrite: bool) -> None:
+    """Raise ``ValueError`` naming ``directory`` unless :func:`save_pruned` may write it: absent, or with
+    ``overwrite`` an earlier export (holding our ``sparsity.json``) or an empty directory."""
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not overwrite:
+        raise ValueError(f"directory {str(directory)!r} already exists: choose another or pass overwrite=True")
+    if directory.is_symlink() or not directory.is_dir():
+        raise ValueError(
+            f"{str(directory)!r} exists and is not a directory: overwrite=True only replaces an earlier export or an "
+            "empty directory; choose another path"
+        )
+    if any(directory.iterdir()) and not _is_export(directory):
+        raise ValueError(
+            f"directory {str(directory)!r} is not an earlier export (no {SPARSITY_FILE} written by save_pruned) and "
+            "not empty: overwrite=True only replaces an earlier export or an empty directory, so it was left "
+            "untouched; choose another path or empty it yourself"
+        )
+
+
+def recover_export(directory: str | os.PathLike) -> None:
+    """Finish a swap of :func:`save_pruned` into ``directory`` that a killed process left half done, and remove the
+    ``.partial`` / ``.old`` leftovers of killed exports to ``directory`` (see the module docstring).
+
+    With ``directory`` missing and an earlier export set aside as ``.old``, the new export (its ``.partial``, which
+    is complete once the swap has begun) is renamed into place; without it, the earlier export is put back.
+    Safe to call at any time, also by several processes at once (but it removes the ``.partial`` of an export to
+    ``directory`` still being written: one export to a directory at a time); does nothing when nothing was left.
+    """
+    directory = Path(directory)
+    parent = directory.parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(directory.name)}\.([^.]+)\.(partial|old)$")
+    leftovers = {}
+    for path in parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not path.is_symlink():
+            leftovers[match.groups()] = path
+    if not directory.exists():
+        set_aside = sorted((path for (_, kind), path in leftovers.items() if kind == "old"), key=_mtime)
+        if set_aside:
+            token = pattern.match(set_aside[-1].name).group(1)
+            earlier = set_aside[-1]
+            if (earlier / directory.name).is_dir() and not (earlier / SPARSITY_FILE).exists():
+                earlier = earlier / directory.name  # the layout before recoverable swaps: one level down
+            try:
+                os.rename(leftovers.get((token, "partial"), earlier), directory)
+            except OSError:  # another process recovered it first
+                pass
+    for path in leftovers.values():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_into_place(staging: Path, directory: Path, overwrite: bool) -> None:
+    """Rename the complete ``staging`` directory to ``directory``, setting an earlier export aside first (recoverable
+    by :func:`recover_export` if the process is killed in between) and deleting it after."""
+    check_export_target(directory, overwrite)  # it may have changed while the model was written
+    if not directory.exists():
+        os.rename(staging, directory)
+        return
+    token = staging.name[len(directory.name) + 2 : -len(".partial")]
+    previous = directory.with_name(f".{directory.name}.{token}.old")
+    os.rename(directory, previous)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(previous, directory)
+        raise
+    shutil.rmtree(previous)
+
+
+def _is_export(directory: Path) -> bool:
+    """Whether ``directory`` holds a ``sparsity.json`` in the layout :func:`save_pruned` writes."""
+    try:
+        record = json.loads((directory / SPARSITY_FILE).read_text())
+        _check_record(record)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def check_export_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -219,12 +313,42 @@ def make_readable(directory: Path) -> None:
 
 
 def load_sparsity_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read ``sparsity.json`` of a directory written by :func:`save_pruned` (keys: see the module docstring).
+    """Read ``sparsity.json`` of a directory written by :func:`save_pruned` (keys: see the module docstring), after
+    :func:`recover_export`.
 
     Raises:
-        ValueError: naming ``directory`` when it has no ``sparsity.json``.
+        ValueError: naming ``directory`` when it has no ``sparsity.json``, or naming the file and the field when it
+            is not valid JSON in that layout.
     """
+    recover_export(directory)
     path = Path(directory) / SPARSITY_FILE
     if not path.is_file():
         raise ValueError(f"directory {str(directory)!r} has no {SPARSITY_FILE}: it was not written by save_pruned")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+        _check_record(record)
+    except ValueError as error:
+        raise ValueError(f"{path} is not a {SPARSITY_FILE} written by save_pruned: {error}") from None
+    return record
+
+
+def _check_record(record: Any) -> None:
+    """Raise ``ValueError`` naming the first field of ``record`` that is missing or malformed (module docstring)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"format_version must be {FORMAT_VERSION}, got {record.get('format_version')!r}")
+    if not isinstance(record.get("metadata"), dict):
+        raise ValueError("field 'metadata' must be an object")
+    measured = record.get("measured")
+    layers = measured.get("layers") if isinstance(measured, dict) else None
+    if not isinstance(layers, dict):
+        raise ValueError("field 'measured.layers' must be an object {layer name: counts}")
+    for name, layer in layers.items():
+        for key in ("numel", "zeros"):
+            value = layer.get(key) if isinstance(layer, dict) else None
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"field 'measured.layers.{name}.{key}' must be an integer >= 0, got {value!r}")
+    total = measured.get("total")
+    if not isinstance(total, dict) or not all(isinstance(total.get(key), int) for key in ("numel", "zeros")):
+        raise ValueError("field 'measured.total' must be an object with integer 'numel' and 'zeros'")

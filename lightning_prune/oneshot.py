@@ -23,7 +23,7 @@ import torch
 from .architectures import LayerSelection, check_patterns, matches
 from .calibration import CalibrationOptions
 from .distributed.parallel import processes_for
-from .progress import PruningProgress, fingerprint
+from .progress import INVALID_BLOCKS, PruningProgress, ResumeBlocks, fingerprint
 from .sequential import LayerReport, prune_model
 from .solvers import METHODS
 from .solvers.options import SolverOptions
@@ -65,8 +65,12 @@ class OneShotOptions:
             sums each batch's contribution exactly (see :class:`~lightning_prune.gram.GramAccumulator`): the grams,
             hence the result, are the same whatever the number of processes.
         resume_dir: a directory where each finished block is saved (:mod:`lightning_prune.progress`). A rerun with
-            the same options and calibration data skips the saved blocks and ends with the same weights as an
-            uninterrupted run; other settings raise a ``ValueError``. Default None: nothing saved.
+            the same options, model and calibration data skips the saved blocks and ends with the same weights as
+            an uninterrupted run; other settings, another model's weights, a damaged block file or a second run
+            using the directory raise a ``ValueError``. Default None: nothing saved.
+        resume_invalid_blocks: what a rerun does with a saved block that fails its checks (checksum, layer
+            shapes and dtypes, finite weights that are zero wherever the mask prunes): ``"raise"`` (default) a
+            ``ValueError`` naming the file, or ``"resolve"``: solve that block again and replace its file.
 
     The parsed forms are attributes too: :attr:`nm` (``(n, m)`` or None), :attr:`solver` (the solver's options
     object, defaults filled in), :attr:`selection` and :attr:`calibration`.
@@ -84,6 +88,7 @@ class OneShotOptions:
     offload: str | None = "cpu"
     gram_dtype: str | torch.dtype = "float32"
     resume_dir: str | os.PathLike | None = None
+    resume_invalid_blocks: str = "raise"
 
     nm: NM | None = field(init=False, repr=False)
     solver: SolverOptions = field(init=False, repr=False)
@@ -124,6 +129,12 @@ class OneShotOptions:
             not isinstance(self.resume_dir, (str, os.PathLike)) or not os.fspath(self.resume_dir)
         ):
             raise ValueError(f"resume_dir must be None or a non-empty directory path, got {self.resume_dir!r}")
+        if self.resume_dir is not None and os.path.exists(self.resume_dir) and not os.path.isdir(self.resume_dir):
+            raise ValueError(f"resume_dir {os.fspath(self.resume_dir)!r} is a file, not a directory")
+        if self.resume_invalid_blocks not in INVALID_BLOCKS:
+            raise ValueError(
+                f"resume_invalid_blocks must be one of {INVALID_BLOCKS}, got {self.resume_invalid_blocks!r}"
+            )
         selection = LayerSelection(self.targets, self.ignore, self.true_sequential, self.sequential_targets)
         calibration = CalibrationOptions(self.offload, self.gram_dtype)
         normalised = {
@@ -212,7 +223,7 @@ def oneshot(
             receive the finished blocks from it. Default False.
         **options: the other fields of :class:`OneShotOptions`: ``targets``, ``ignore``, ``sparsity_overrides``,
             ``true_sequential``, ``sequential_targets``, ``solver_options``, ``offload``, ``gram_dtype``,
-            ``resume_dir``.
+            ``resume_dir``, ``resume_invalid_blocks``.
 
     Returns:
         ``{layer name: LayerReport}`` (mask, solver stats, tokens), in pruning order.
@@ -243,34 +254,36 @@ def prune_oneshot(
     if not isinstance(options, OneShotOptions):
         raise ValueError(f"options must be a OneShotOptions, got {type(options).__name__}")
     processes = processes_for(distributed)
-    finished, on_block_end = None, None
+    directory: PruningProgress | None = None  # rank 0's (or the only process's) resume directory
+    resume = None
     if options.resume_dir is not None:
         batches = list(batches)
         settings = {**options.settings(), "calibration": fingerprint(batches), "model": _model_identity(model)}
-        saved: list[PruningProgress] = []  # rank 0's (or the only process's) progress directory
 
-        def load() -> dict:
-            saved.append(PruningProgress(options.resume_dir, settings))
-            return saved[0].finished_blocks()
+        def open_directory() -> None:
+            nonlocal directory
+            directory = PruningProgress(options.resume_dir, settings, invalid_blocks=options.resume_invalid_blocks)
 
         if processes is not None:
-            finished = processes.from_rank0(load, f"reading resume_dir={str(options.resume_dir)!r}")
+            processes.from_rank0(open_directory, f"opening resume_dir={str(options.resume_dir)!r}")
         else:
-            finished = load()
-        on_block_end = saved[0].save_block if saved else None
-
-    return prune_model(
-        model,
-        batches,
-        options.solve,
-        solve_shared=options.solve_together if METHODS[options.method].solve_shared is not None else None,
-        selection=options.selection,
-        calibration=options.calibration,
-        progress=progress,
-        finished=finished,
-        on_block_end=on_block_end,
-        processes=processes,
-    )
+            open_directory()
+        resume = ResumeBlocks(directory, model, processes)
+    try:
+        return prune_model(
+            model,
+            batches,
+            options.solve,
+            solve_shared=options.solve_together if METHODS[options.method].solve_shared is not None else None,
+            selection=options.selection,
+            calibration=options.calibration,
+            progress=progress,
+            resume=resume,
+            processes=processes,
+        )
+    finally:
+        if directory is not None:
+            directory.close()
 
 
 def _model_identity(model: torch.nn.Module) -> str:

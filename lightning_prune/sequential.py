@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from .calibration import (
     shared_inputs,
 )
 from .distributed.parallel import Processes
-from .distributed.zero import any_partitioned
+from .distributed.zero import any_partitioned, release_gathered
 from .gram import GramAccumulator
 from .solvers.result import PruneResult
 from .steps import PlannedStep, ProgressHook, announce, check_progress
@@ -65,9 +65,25 @@ The layers ``names`` read the same input (q/k/v, gate/up), so ``gram`` is the gr
 scaling or decomposition serves them all. Weights and gram as for :data:`Solve`.
 """
 
-BlockEnd = Callable[[int, dict[str, dict[str, Any]]], None]
-"""``on_block_end(block_index, {layer name: {"weight": [out, in] (CPU), "mask": bool, "stats": dict, "tokens": int}})``,
-called once a block's layers are all written, before the block is run to feed the next one."""
+
+class BlockStore(Protocol):
+    """Where finished blocks are kept between runs, e.g. a resume directory
+    (:class:`lightning_prune.progress.ResumeBlocks`).
+
+    A block's record is ``{layer name: {"weight": [out, in] (CPU), "mask": bool, "stats": dict, "tokens": int}}``.
+    """
+
+    def load(
+        self, index: int, block: nn.Module, layers: Mapping[str, nn.Module]
+    ) -> Mapping[str, Mapping[str, Any]] | None:
+        """The record of block ``index`` if it is finished, else None; called when the driver reaches the block,
+        before any of its weights change (``layers``: its selected layers, ``{full name: module}``)."""
+        ...
+
+    def save(self, index: int, layers: dict[str, dict[str, Any]]) -> None:
+        """Keep the record of block ``index``, solved now; called once its layers are all written, before the block
+        is run to feed the next one."""
+        ...
 
 
 @dataclass
@@ -97,8 +113,7 @@ def prune_model(
     selection: LayerSelection = LayerSelection(),
     calibration: CalibrationOptions = CalibrationOptions(),
     progress: ProgressHook[PruneResult] | None = None,
-    finished: Mapping[int, Mapping[str, Mapping[str, Any]]] | None = None,
-    on_block_end: BlockEnd | None = None,
+    resume: BlockStore | None = None,
     processes: Processes | None = None,
 ) -> dict[str, LayerReport]:
     """Prune the linear layers of ``model``'s decoder blocks in place, block by block, from calibration data.
@@ -130,11 +145,9 @@ def prune_model(
         progress: optional :class:`~lightning_prune.steps.ProgressHook`: ``begin(number of layers)`` (and
             ``plan(steps)``, each layer with its block, when the hook has that method), then
             ``step(name, block_index, n_blocks, result)`` after each layer's new weight is written.
-        finished: blocks already pruned by an earlier run, ``{block index: {layer name: {"weight" [out, in], "mask",
-            "stats", "tokens"}}}`` (see :mod:`lightning_prune.progress`): their weights are written as recorded
-            instead of being solved, and the blocks are run to rebuild the next block's inputs.
-        on_block_end: optional callback, see :data:`BlockEnd`; called after each solved block (not for ``finished``
-            ones) with the same record layout, e.g. to save progress.
+        resume: optional :class:`BlockStore` of blocks pruned by an earlier run (see :mod:`lightning_prune.progress`):
+            the weights of a block it returns are written as recorded instead of being solved, and the block is run
+            to rebuild the next block's inputs; every solved block is given to it.
         processes: prune together with these processes (:class:`~lightning_prune.distributed.Processes`). Every
             process passes the same ``batches`` (their number a multiple of the number of processes ``W``) and
             runs every ``W``-th one; grams and token counts are summed over processes, each layer problem of a
@@ -146,7 +159,8 @@ def prune_model(
     ``DeepSpeedStrategy(stage=3)``) are supported with every process calling this function: the engine gathers each
     module's parameters as the calibration forward runs it, and a block's weights are gathered only to be read
     before its solves and written after them (:mod:`lightning_prune.weights`), so memory returns to the partitioned
-    state between blocks.
+    state between blocks, and when this function returns (the weights the last block's write left gathered are
+    partitioned again, :func:`~lightning_prune.distributed.zero.release_gathered`).
 
     Returns:
         ``{full layer name: LayerReport}`` in pruning order.
@@ -187,7 +201,7 @@ def prune_model(
                 block = blocks[index]
                 device = device_of(block)
                 layers = {name: module for group in plan[index] for name, module in group.items()}
-                record = (finished or {}).get(index)
+                record = None if resume is None else resume.load(index, block, layers)
                 if record is not None and set(record) != set(layers):
                     raise ValueError(
                         f"finished block {index} records layers {sorted(record)}, expected {sorted(layers)}"
@@ -226,13 +240,16 @@ def prune_model(
                         reports[name] = LayerReport(index, result.mask.detach().to("cpu"), dict(result.stats), tokens)
                         if progress is not None:
                             progress.step(name, index, len(blocks), result)
-                if record is None and on_block_end is not None:
-                    on_block_end(index, {name: _record(written[name], reports[name]) for name in layers})
+                if record is None and resume is not None:
+                    resume.save(index, {name: _record(written[name], reports[name]) for name in layers})
                 if index < last:
                     propagate(inputs, block, device, storage)
         except BaseException:
             rollback.restore()
             raise
+        finally:
+            if any_partitioned(model):
+                release_gathered(blocks[: last + 1])  # memory back to the partitioned state
     return reports
 
 

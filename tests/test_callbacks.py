@@ -297,6 +297,8 @@ def test_calibration_falls_back_to_the_train_dataloader_limited_to_num_calibrati
         (lambda: ALPSPruningCallback(1.2), "sparsity must be in"),
         (lambda: ALPSPruningCallback(0.7, mask_structure="2:4"), "contradicts mask_structure"),
         (lambda: ALPSPruningCallback(0.5, rho0=-1.0), "rho0"),
+        (lambda: ALPSPruningCallback(0.5, rho0=float("inf")), "rho0 must be a finite number > 0"),
+        (lambda: ALPSPruningCallback(0.5, damp=float("inf")), "damp must be a finite number >= 0"),
         (lambda: SparseGPTPruningCallback(0.5, blocksize=0), "blocksize"),
         (lambda: OneShotPruningCallback("wanda", 0.5, solver_options={"rho0": 1.0}), "has no option 'rho0'"),
         (lambda: WandaPruningCallback(0.5, targets=["re:("]), "targets: invalid regex"),
@@ -318,3 +320,25 @@ def test_calibration_falls_back_to_the_train_dataloader_limited_to_num_calibrati
 def test_bad_arguments_raise_at_construction(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+class TakeDirectory(Callback):
+    """Creates a directory holding a user's file when the fit starts (after setup, before any pruning)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module):
+        self.path.mkdir()
+        (self.path / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_rechecks_its_directory_right_before_pruning(tmp_path, model_dir, datamodule, oneshot_calls, overwrite):
+    export = ExportPrunedModelCallback(str(tmp_path / "export"), overwrite=overwrite)
+    callbacks = [TakeDirectory(tmp_path / "export"), WandaPruningCallback(0.5), export]
+    message = "is not an earlier export" if overwrite else "already exists"
+    with pytest.raises(ValueError, match=message):
+        trainer(tmp_path, callbacks).fit(CausalLMModule(model_dir), datamodule=datamodule)
+    assert oneshot_calls == []  # refused before minutes of pruning, not after
+    assert (tmp_path / "export" / "notes.txt").read_text() == "mine"

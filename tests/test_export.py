@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +117,66 @@ def test_every_family_round_trips(tmp_path, tiny_model, family):
     assert list(measured) == names and len(names) >= 8  # every block's linears (GPT-2: Conv1D), never lm_head
     for name in names:
         assert measured[name]["zeros"] == int((model.get_submodule(name).weight == 0).sum()) > 0
+
+
+def test_overwrite_replaces_only_an_earlier_export_or_an_empty_directory(tmp_path, pruned):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"directory '{user}' is not an earlier export"):
+        save_pruned(pruned, user, overwrite=True)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
+    (user / "sparsity.json").write_text('{"something": "else"}')  # not our layout: still not an export
+    with pytest.raises(ValueError, match="is not an earlier export"):
+        save_pruned(pruned, user, overwrite=True)
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        save_pruned(pruned, a_file, overwrite=True)
+    assert a_file.read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    save_pruned(pruned, tmp_path / "empty", metadata={"run": 1}, overwrite=True)
+    assert load_sparsity_metadata(tmp_path / "empty")["metadata"] == {"run": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "user"]
+
+
+EXPORT_KILLED = """
+    import functools, os, signal, sys, torch
+    from conftest import _config
+    from transformers import AutoModelForCausalLM
+    import lightning_prune.export as export
+
+    target, when = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config("llama"))
+    export.save_pruned(model, target, metadata={"run": 1})
+
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def move_then_die(source, destination, original):
+        original(source, destination)
+        if str(source) == target:
+            die()
+
+    if when == "between the renames":  # killed once the earlier export is set aside, before the new one moves in
+        os.rename = functools.partial(move_then_die, original=os.rename)
+        os.replace = functools.partial(move_then_die, original=os.replace)
+    else:  # while the new export is being written
+        export._measure = die
+    export.save_pruned(model, target, metadata={"run": 2}, overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["between the renames", "while writing"])
+def test_an_export_killed_midway_is_recovered_by_the_next_load_or_save(tmp_path, when):
+    target = tmp_path / "pruned"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+    code = textwrap.dedent(EXPORT_KILLED)
+    killed = subprocess.run([sys.executable, "-c", code, str(target), when], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".pruned.")]
+    assert leftovers and target.exists() == (when == "while writing")
+    expected = 2 if when == "between the renames" else 1  # a swap under way is finished; a half-written export dropped
+    assert load_sparsity_metadata(target)["metadata"] == {"run": expected}
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # the load cleaned every leftover

@@ -20,8 +20,8 @@ RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "fasp-prune.yaml"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(make_tiny_causal_lm(tmp_path_factory.mktemp("model")))
+def model_dir(tmp_path_factory):  # value heads of 16 channels, MLP of 128: room for widths in multiples of 8
+    return str(make_tiny_causal_lm(tmp_path_factory.mktemp("model"), hidden_size=64, intermediate_size=128))
 
 
 @pytest.fixture
@@ -64,9 +64,20 @@ def test_prune_only_fit_slims_exports_and_reloads(tmp_path, model_dir, datamodul
     model = module.model.eval()
     assert pruning.pruned and model.config.model_type == "llama_fasp"
     summary = pruning.metadata["summary"]
-    assert summary["removed_fraction"] >= 0.25 and summary["groups"] == 4
+    assert summary["removed_fraction"] >= 0.25 and summary["groups"] == len(pruning.metadata["layers"])
     assert summary["parameters_after"] == sum(p.numel() for p in model.parameters())
     assert summary["perplexity_after"] > 1 and "Structured pruning with FASP" in caplog.text
+    assert "error allocation, widths in multiples of 8" in caplog.text and "restored towards the dense" in caplog.text
+    assert (
+        set(summary["widths"])
+        == set(summary["ratios"])
+        == {f"model.layers.{i}.{group}" for i in range(2) for group in ("attention", "mlp")}
+    )
+    assert all(width % 8 == 0 for width in summary["widths"].values())
+    assert summary["groups"] == sum(ratio > 0 for ratio in summary["ratios"].values())
+    assert model.config.fasp_widths == {
+        group: [summary["widths"][f"model.layers.{i}.{group}"] for i in range(2)] for group in ("attention", "mlp")
+    }
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     ids = torch.randint(4, 100, (2, 12))
     with torch.no_grad():
@@ -108,6 +119,10 @@ def test_prune_then_finetune_rebuilds_the_optimizer_for_the_slimmed_layers(tmp_p
         (dict(ratio=0.2, damp=-1), "damp"),
         (dict(ratio=0.2, evaluate="yes"), "evaluate"),
         (dict(ratio=0.2, offload="disk"), "offload"),
+        (dict(ratio=0.2, width_multiple=0), "width_multiple"),
+        (dict(target_fraction=0.2, allocation="greedy"), "allocation"),
+        (dict(target_fraction=0.2, allocation="error", min_ratio=0.4, max_ratio=0.3), "min_ratio"),
+        (dict(ratio=0.2, restore_target="block"), "restore_target"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, message):
@@ -141,5 +156,7 @@ def test_the_recipe_runs_on_a_tiny_model(tmp_path, model_dir, datamodule, monkey
     record = load_sparsity_metadata(tmp_path / "pruned" / "smollm2-fasp-20")
     assert record["metadata"]["method"] == "fasp" and record["metadata"]["target_fraction"] == 0.2
     assert record["metadata"]["summary"]["removed_fraction"] >= 0.2
+    assert record["metadata"]["width_multiple"] == 8 and record["metadata"]["allocation"] == "uniform"
+    assert all(width % 8 == 0 for width in record["metadata"]["summary"]["widths"].values())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned" / "smollm2-fasp-20")
     assert reloaded.config.model_type == "llama_fasp"

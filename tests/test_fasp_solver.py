@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lightning_prune.solvers import fasp
+from lightning_prune.solvers import FASPOptions, OutputTarget, fasp, restoration_errors, units_kept
+from lightning_prune.solvers.fasp import solve_fasp
 from lightning_prune.solvers.objective import relative_error
 
 
@@ -93,3 +94,86 @@ def test_bad_arguments_raise(kwargs, message):
         fasp(W, H[:-1, :-1], 0.2)
     with pytest.raises(ValueError, match="finite"):
         fasp(W * float("nan"), H, 0.2)
+
+
+def dense_target_problem(ratio_seed=0):
+    """Dense inputs X, the pruned model's inputs X̃ (X plus drift), the dense outputs Y = X Wᵀ (token rows)."""
+    W, _, X = coupled_problem(seed=ratio_seed)
+    g = torch.Generator().manual_seed(ratio_seed + 100)
+    X_pruned = X + 0.3 * torch.randn(X.shape, generator=g) @ torch.randn(X.shape[1], X.shape[1], generator=g) / 6
+    Y = X @ W.T
+    target = OutputTarget(cross=(Y.T @ X_pruned).float(), energy=float(Y.double().pow(2).sum()))
+    return W, X_pruned.T @ X_pruned, X_pruned, Y, target
+
+
+def test_dense_target_refit_is_the_closed_form_least_squares():
+    W, H, X_pruned, Y, target = dense_target_problem()
+    result = fasp(W, H, 0.5, target=target, damp=0.0)
+    K = result.kept_columns
+    optimum = torch.linalg.lstsq(X_pruned[:, K].double(), Y.double()).solution.T
+    torch.testing.assert_close(result.weight.double(), optimum, rtol=1e-3, atol=1e-3)
+    residual = (Y.double() - X_pruned[:, K].double() @ result.weight.double().T).pow(2).sum() / Y.double().pow(2).sum()
+    assert result.stats["rel_error"] == pytest.approx(float(residual), rel=1e-3)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75])
+@pytest.mark.parametrize("damp", [0.0, 0.01, 1.0])
+def test_dense_target_refit_is_never_worse_than_plain_removal_on_the_dense_outputs(ratio, damp):
+    W, H, X_pruned, Y, target = dense_target_problem(int(ratio * 100))
+    result = fasp(W, H, ratio, target=target, damp=damp)
+    K = result.kept_columns
+
+    def dense_error(V):
+        return float((Y.double() - X_pruned[:, K].double() @ V.double().T).pow(2).sum() / Y.double().pow(2).sum())
+
+    assert dense_error(result.weight) <= dense_error(W[:, K]) * (1 + 1e-6)
+    assert result.stats["rel_error"] == pytest.approx(dense_error(result.weight), rel=1e-3, abs=1e-7)
+    assert result.stats["rel_error_before"] == pytest.approx(dense_error(W[:, K]), rel=1e-3, abs=1e-7)
+
+
+def test_the_layers_own_outputs_as_target_give_the_default_refit():
+    W, H, _ = coupled_problem()
+    default = fasp(W, H, 0.5)
+    own = fasp(W, H, 0.5, target=OutputTarget(W @ H, float(((W @ H) * W).sum())))
+    assert torch.equal(own.kept_units, default.kept_units)
+    torch.testing.assert_close(own.weight, default.weight, rtol=1e-4, atol=1e-4)
+    assert own.stats["rel_error"] == pytest.approx(default.stats["rel_error"], rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("restore", [True, False])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_restoration_errors_give_the_solvers_error_at_every_kept_count(restore, gqa):
+    W, H, _ = coupled_problem(n=16)
+    units = units_per_block = None
+    if gqa:  # 4 query heads of 4 channels over 2 KV heads
+        units, units_per_block = torch.tensor([(h // 2) * 4 + d for h in range(4) for d in range(4)]), 4
+    options = FASPOptions(restore=restore, damp=0.0)
+    curve = restoration_errors(W, H.double(), units, units_per_block, options)
+    total = float(((W.double() @ H.double()) * W.double()).sum())
+    assert curve.shape == ((units_per_block or 16) + 1,) and curve[0] == pytest.approx(total)
+    for keep in range(1, (units_per_block or 16) + 1):
+        result = solve_fasp(W.double(), H.double(), keep, units, units_per_block, options)
+        assert float(curve[keep]) / total == pytest.approx(result.stats["rel_error"], rel=1e-6, abs=1e-9), keep
+    assert float(curve[-1]) == pytest.approx(0, abs=1e-6 * total)
+
+
+@pytest.mark.parametrize(
+    "units,ratio,multiple,expected",
+    [(64, 0.2, 1, 51), (64, 0.2, 8, 48), (64, 0.0, 8, 64), (1536, 0.2, 8, 1224), (6, 0.1, 8, 6), (64, 0.99, 8, 8)],
+)
+def test_units_kept_rounds_down_to_the_multiple(units, ratio, multiple, expected):
+    assert units_kept(units, ratio, multiple) == expected
+
+
+def test_bad_keep_and_target_raise():
+    W, H, _ = coupled_problem()
+    options = FASPOptions()
+    for keep in (0, 33, 2.0, True):
+        with pytest.raises(ValueError, match="keep"):
+            solve_fasp(W, H, keep, None, None, options)
+    with pytest.raises(ValueError, match="target"):
+        fasp(W, H, 0.5, target=(W @ H, 1.0))
+    with pytest.raises(ValueError, match="target.cross"):
+        fasp(W, H, 0.5, target=OutputTarget(W.T @ W, 1.0))
+    with pytest.raises(ValueError, match="target.energy"):
+        fasp(W, H, 0.5, target=OutputTarget(W @ H, float("nan")))

@@ -1,5 +1,8 @@
 """SparsityMaskCallback: pruned weights stay exactly zero through fine-tuning, checkpoints and resumes."""
 
+import json
+import re
+
 import pytest
 import torch
 from helpers import make_documents, make_tiny_causal_lm
@@ -166,3 +169,31 @@ def test_pack_round_trip():
         assert torch.equal(unpack_mask(packed), mask)
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         pack_mask(torch.zeros(3))
+
+
+LAYER = {"shape": [64, 32], "numel": 2048, "zeros": 1024, "sparsity": 0.5}
+MEASURED = {"layers": {"model.layers.0.mlp.up_proj": LAYER}, "total": {"numel": 2048, "zeros": 1024}}
+RECORD = {"format_version": 1, "metadata": {}, "measured": MEASURED}
+MALFORMED = {
+    "not json": ("{not json", "is not a sparsity.json written by save_pruned: Expecting property name"),
+    "no layers": ({**RECORD, "measured": {}}, "field 'measured.layers' must be an object"),
+    "no zeros": (
+        {**RECORD, "measured": {**MEASURED, "layers": {"model.layers.0.mlp.up_proj": {"numel": 2048}}}},
+        r"field 'measured.layers.model.layers.0.mlp.up_proj.zeros' must be an integer >= 0, got None",
+    ),
+    "unknown layer": (
+        {**RECORD, "measured": {**MEASURED, "layers": {"model.layers.9.mlp.up_proj": LAYER}}},
+        "lists layer 'model.layers.9.mlp.up_proj', which the model does not have",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_sparsity_json_is_named_with_its_field(tmp_path, model_dir, datamodule, case):
+    content, message = MALFORMED[case]
+    path = tmp_path / "metadata" / "sparsity.json"
+    path.parent.mkdir()
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    callback = SparsityMaskCallback(source="metadata", metadata_dir=str(path.parent))
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} .*{message}"):
+        fit(CausalLMModule(model_dir), datamodule, [callback], tmp_path, max_steps=1)

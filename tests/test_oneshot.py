@@ -114,3 +114,31 @@ def test_resume_with_other_settings_raises(tmp_path, tiny_model, calibration_bat
         oneshot(tiny_model("llama"), calibration_batches(seed=1), "wanda", 0.5, resume_dir=tmp_path / "run")
     with pytest.raises(ValueError, match=r"other settings \(\['model'\]\)"):
         oneshot(tiny_model("mistral"), calibration_batches(), "wanda", 0.5, resume_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize("shift", [128, -128], ids=["beyond the vocabulary", "negative"])
+def test_token_ids_outside_the_vocabulary_raise_naming_the_batch(tiny_model, calibration_batches, shift):
+    model = tiny_model("llama")
+    before = weights(model)
+    ids = calibration_batches()[1]
+    bad = ids + shift
+    low, high = int(bad.min()), int(bad.max())
+    with pytest.raises(ValueError, match=rf"batches\[1\]: input_ids must lie in \[0, 128\) .* from {low} to {high}"):
+        oneshot(model, [ids, bad], "wanda", 0.5)
+    assert all(torch.equal(before[name], value) for name, value in weights(model).items())
+
+
+def test_a_model_on_the_meta_device_raises_naming_a_parameter(tiny_model, calibration_batches):
+    with torch.device("meta"):
+        unloaded = tiny_model("llama")
+    with pytest.raises(ValueError, match="model: model.embed_tokens.weight is on the meta device"):
+        oneshot(unloaded, calibration_batches(), "wanda", 0.5)
+
+
+def test_a_selected_layer_with_an_empty_weight_raises_naming_it(tiny_model, calibration_batches):
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.up_proj.weight.data = torch.empty(0, 32)
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"layer model.layers.1.mlp.up_proj has an empty weight \(0, 32\)"):
+        oneshot(model, calibration_batches(), "wanda", 0.5)
+    assert all(torch.equal(before[name], value) for name, value in weights(model).items())

@@ -241,3 +241,20 @@ def test_solver_specific_options_raise():
     assert magnitude(W, None, 0.5).stats["rel_error"] is None
     with pytest.raises(ValueError, match="gram must be"):
         wanda(W, None, 0.5)
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+@pytest.mark.parametrize("shape", [(0, 64), (48, 0)])
+def test_an_empty_weight_raises(method, shape):
+    with pytest.raises(ValueError, match=r"weight has no entries \(shape"):
+        SOLVERS[method](torch.zeros(shape), torch.zeros(shape[1], shape[1]), 0.5)
+
+
+@pytest.mark.parametrize("method", sorted(set(SOLVERS) - {"magnitude"}))  # magnitude needs no gram
+def test_a_gram_with_a_negative_diagonal_raises(method):
+    W, H = correlated_problem()
+    one_negative = H.clone()
+    one_negative[5, 5] = -one_negative[5, 5]
+    for negative in (one_negative, H.clone().fill_diagonal_(-1.0)):
+        with pytest.raises(ValueError, match="gram has a negative diagonal entry"):
+            SOLVERS[method](W, negative, 0.5)

@@ -176,3 +176,10 @@ def test_zero3_recipe_runs_with_two_cpu_processes(tmp_path):
     assert record["metadata"]["method"] == "alps" and record["metadata"]["sparsity"] == 0.7
     assert record["metadata"]["summary"]["perplexity_after"] is not None
     assert abs(record["measured"]["total"]["sparsity"] - 0.7) < 0.01  # the zeros survived the fine-tuning steps
+
+
+def test_oneshot_returns_with_every_weight_partitioned_again(tmp_path):
+    make_tiny_causal_lm(tmp_path / "model")
+    (tmp_path / "train.txt").write_text("\n".join(make_documents(60, 40)))
+    _run("release", tmp_path)
+    assert [record["whole"] for record in _records(tmp_path, "release")] == [[], []]

@@ -13,6 +13,9 @@ Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/zero3_worker.p
 * ``keep STAGE``: under ZeRO stage STAGE (2 or 3), prune, then one optimizer step at a negligible learning rate;
   rank 0 writes ``keep{STAGE}.pt``: the weights right after pruning and after the step (equal only if the pruned
   weights reached DeepSpeed's fp32 master copy, which the step starts from).
+* ``release``: ``oneshot(..., distributed=True)`` on a model wrapped by ``deepspeed.initialize`` (ZeRO-3 with its
+  default prefetch and reuse settings) after one forward; every rank writes ``release_rank{r}.json``: the names of
+  the parameters still gathered (whole) when it returns.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from transformers import AutoModelForCausalLM
 
+from lightning_prune import oneshot
 from lightning_prune.callbacks import ALPSPruningCallback, ExportPrunedModelCallback, SparsityMaskCallback
 from lightning_prune.data import TextDataModule
 from lightning_prune.distributed.strategies import DeepSpeedCPUStrategy
@@ -146,9 +151,29 @@ def keep(workdir: Path, stage: int) -> None:
         torch.save(record, workdir / f"keep{stage}.pt")
 
 
+def release(workdir: Path) -> None:
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    config = {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # every weight partitioned
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "train_micro_batch_size_per_gpu": 2,
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    batches = list(datamodule(workdir).calibration_dataloader())
+    with torch.no_grad():
+        engine(**batches[0])
+    oneshot(engine.module, batches, "wanda", SPARSITY, distributed=True)
+    whole = [name for name, p in engine.module.named_parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
+    _write(workdir / f"release_rank{torch.distributed.get_rank()}.json", {"whole": whole})
+
+
 if __name__ == "__main__":
     scenario, directory = sys.argv[1], Path(sys.argv[2])
     if scenario == "keep":
         keep(directory, int(sys.argv[3]))
     else:
-        {"prune": prune, "resume": resume, "error": error}[scenario](directory)
+        {"prune": prune, "resume": resume, "error": error, "release": release}[scenario](directory)

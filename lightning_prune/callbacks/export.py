@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -12,7 +11,7 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from ..distributed.zero import any_partitioned, full_state_dict
-from ..export import EXPORT_DTYPES, check_export_dtype, save_pruned
+from ..export import EXPORT_DTYPES, check_export_dtype, check_export_target, recover_export, save_pruned
 from .base import PruningCallback
 
 
@@ -37,16 +36,19 @@ class ExportPrunedModelCallback(Callback):
 
     Args:
         dirpath: directory to write (its parent is created if missing).
-        overwrite: replace an existing ``dirpath`` (default False). The check is made when the fit starts, so a
-            run never prunes for minutes only to find the directory taken.
+        overwrite: replace an existing ``dirpath`` (default False), if it is an earlier export (it holds our
+            ``sparsity.json``) or empty; any other directory is refused and left untouched. The check is made at
+            setup and again in ``on_fit_start``, right before pruning starts, so a run never prunes for minutes only
+            to find the directory taken.
         dtype: dtype of the saved weights, ``"float32"``, ``"bfloat16"`` or ``"float16"``; default None: the dtype
             the model's checkpoint was stored in (``pl_module.source_dtype``, which
             :class:`~lightning_prune.module.CausalLMModule` records), else the model's current dtype. A string so
             that YAML configs can set it.
 
     Raises:
-        ValueError: when the fit starts: ``dirpath`` exists and ``overwrite`` is False, or a pruning callback comes
-            after this one in ``trainer.callbacks``; at the end: ``pl_module.model`` is not a transformers model.
+        ValueError: when the fit starts: ``dirpath`` exists and ``overwrite`` is False, or is neither an earlier
+            export nor empty, or a pruning callback comes after this one in ``trainer.callbacks``; at the end:
+            ``pl_module.model`` is not a transformers model (or ``dirpath`` was taken meanwhile).
 
     Note:
         Lightning calls ``on_fit_end`` in callback order, and a prune-only fit prunes in the pruning callback's
@@ -74,8 +76,11 @@ class ExportPrunedModelCallback(Callback):
                 f"{type(self).__name__} must come after the pruning callbacks in trainer.callbacks (it exports in "
                 f"on_fit_end, where a prune-only fit prunes); found {late} after it"
             )
-        if Path(self.dirpath).exists() and not self.overwrite:
-            raise ValueError(f"dirpath {self.dirpath!r} already exists: choose another or pass overwrite=True")
+        self._check_target()
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_target()  # again: pruning starts next (on_train_start, or on_fit_end for a prune-only fit)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -104,6 +109,11 @@ class ExportPrunedModelCallback(Callback):
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
         dtype_name = str(dtype).removeprefix("torch.")
         rank_zero_info(f"Saved the {what} model ({dtype_name}, {size:,.0f} MB) to {path}")
+
+    def _check_target(self) -> None:
+        """Finish an export to ``dirpath`` that a killed process left half done, then check that it may be written."""
+        recover_export(self.dirpath)
+        check_export_target(self.dirpath, self.overwrite)
 
 
 def _pruning_metadata(trainer: Trainer) -> dict[str, Any]:

@@ -21,15 +21,18 @@ class FASPPruningCallback(PruningCallback):
 
     Each decoder block loses the lowest-scoring value channels (every KV head the same number) with the matching
     input columns of the attention output projection, and the lowest-scoring MLP channels with the matching columns
-    of the down projection; the later layers are refit by least squares
-    (:func:`lightning_prune.structured.fasp_prune`). The model becomes physically smaller: after a prune-only fit,
-    :class:`~lightning_prune.callbacks.ExportPrunedModelCallback` saves a directory that reloads with
-    ``AutoModelForCausalLM.from_pretrained`` (after ``import lightning_prune.structured`` when the value widths
-    shrank, see :mod:`lightning_prune.structured.models`). When, where from and how visibly it prunes is
-    :class:`PruningCallback`'s plumbing. Loggers receive ``prune/<group>/rel_error``,
-    ``prune/<group>/rel_error_before``, ``prune/<group>/ratio`` and ``prune/<group>/seconds`` per coupled group
-    (``model.layers.3.mlp``) and the totals ``prune/mean_rel_error``, ``prune/removed_fraction``,
-    ``prune/parameters_after``, ``prune/seconds``, ``prune/calibration_seconds``.
+    of the down projection; the later layers are refit by least squares, towards their own outputs or the dense
+    model's (``restore_target``) (:func:`lightning_prune.structured.fasp_prune`). With ``target_fraction`` and
+    ``allocation="error"`` each group gets its own share of the budget, where the removal costs the least error;
+    kept widths are multiples of ``width_multiple``. The model
+    becomes physically smaller: after a prune-only fit, :class:`~lightning_prune.callbacks.ExportPrunedModelCallback`
+    saves a directory that reloads with ``AutoModelForCausalLM.from_pretrained`` (after
+    ``import lightning_prune.structured`` when the widths are not stock, see :mod:`lightning_prune.structured.models`).
+    When, where from and how visibly it prunes is :class:`PruningCallback`'s plumbing. Loggers receive
+    ``prune/<group>/rel_error``, ``prune/<group>/rel_error_before``, ``prune/<group>/ratio`` (as allocated) and
+    ``prune/<group>/seconds`` per pruned coupled group (``model.layers.3.mlp``) and the totals
+    ``prune/mean_rel_error``, ``prune/removed_fraction``, ``prune/parameters_after``, ``prune/seconds``,
+    ``prune/calibration_seconds``; the summary and the metadata hold every group's ``ratios`` and kept ``widths``.
 
     Example::
 
@@ -37,6 +40,8 @@ class FASPPruningCallback(PruningCallback):
         from lightning_prune.callbacks import ExportPrunedModelCallback, FASPPruningCallback
 
         pruning = FASPPruningCallback(target_fraction=0.2, evaluate=True)   # 20 % of the decoder-linear weights
+        # the other choices: FASPPruningCallback(target_fraction=0.2, allocation="error", restore_target="dense",
+        #     width_multiple=64)
         trainer = Trainer(max_steps=0, callbacks=[pruning, ExportPrunedModelCallback("pruned/model-fasp-20")])
         trainer.fit(CausalLMModule("path/to/model"), datamodule=TextDataModule("path/to/model", "corpus/*.txt"))
 
@@ -49,6 +54,12 @@ class FASPPruningCallback(PruningCallback):
         score, restore, damp: the solver's options, with its defaults (see
             :class:`~lightning_prune.solvers.FASPOptions`: ``"wanda"`` or ``"magnitude"`` column scores, the
             least-squares refit of the later layers, its relative damping).
+        restore_target: ``"layer"`` (default): the refit reproduces the layer's own outputs on the pruned model's
+            inputs; ``"dense"``: the dense model's outputs.
+        allocation: how ``target_fraction`` is split: ``"uniform"`` (default) one ratio for all, ``"error"`` per
+            group where it costs the least error.
+        min_ratio, max_ratio: bounds of every group's ratio under ``allocation="error"`` (defaults 0 and 0.8).
+        width_multiple: kept MLP channels and value channels per KV head are multiples of it (default 8).
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory between blocks; None keeps them
             on the model's device.
         num_calibration_batches, evaluate, eval_batches: see :class:`PruningCallback`.
@@ -77,6 +88,11 @@ class FASPPruningCallback(PruningCallback):
         score: str = StructuredOptions.score,
         restore: bool = StructuredOptions.restore,
         damp: float = StructuredOptions.damp,
+        restore_target: str = StructuredOptions.restore_target,
+        allocation: str = StructuredOptions.allocation,
+        min_ratio: float = StructuredOptions.min_ratio,
+        max_ratio: float = StructuredOptions.max_ratio,
+        width_multiple: int = StructuredOptions.width_multiple,
         num_calibration_batches: int | None = None,
         offload: str | None = "cpu",  # a string, not a torch.device, so that YAML configs can set it
         evaluate: bool = False,
@@ -84,7 +100,18 @@ class FASPPruningCallback(PruningCallback):
     ) -> None:
         super().__init__(num_calibration_batches, evaluate, eval_batches)
         self.options = StructuredOptions(
-            ratio, target_fraction, group_ratios or {}, score=score, restore=restore, damp=damp, offload=offload
+            ratio,
+            target_fraction,
+            group_ratios or {},
+            score=score,
+            restore=restore,
+            restore_target=restore_target,
+            damp=damp,
+            allocation=allocation,
+            min_ratio=min_ratio,
+            max_ratio=max_ratio,
+            width_multiple=width_multiple,
+            offload=offload,
         )
 
     @override
@@ -146,6 +173,8 @@ class FASPPruningCallback(PruningCallback):
             **error_totals(errors, "group"),
             "calibration_tokens": max((group.tokens for group in report.groups.values()), default=0),
             "solve_seconds": sum(group.stats["seconds"] for group in report.groups.values()),
+            "ratios": report.ratios,
+            "widths": report.widths,
         }
         return PruningOutcome(summary, layers)
 
@@ -166,7 +195,23 @@ class FASPPruningCallback(PruningCallback):
                 f"({100 * summary['removed_fraction']:.2f} % of {summary['decoder_linear_parameters']:,} "
                 "decoder-linear removed)",
             ),
+            ("ratios", _ratio_ranges(summary["ratios"])),
             ("model type", str(summary["model_type"])),
         ]
-        score = options.score + ("" if options.restore else ", no restoration")
-        return format_table(f"Structured pruning with FASP ({score}) at {amount}:", rows, summary, "group")
+        if options.restore:
+            method = f"{options.score}, restored towards the {options.restore_target} outputs"
+        else:
+            method = f"{options.score}, no restoration"
+        amount += f", {options.allocation} allocation, widths in multiples of {options.width_multiple}"
+        return format_table(f"Structured pruning with FASP ({method}) at {amount}:", rows, summary, "group")
+
+
+def _ratio_ranges(ratios: Mapping[str, float]) -> str:
+    """``"attention 0-0.25 (mean 0.12), mlp 0.1-0.4 (mean 0.21)"``: the spread of the groups' ratios, per kind."""
+    kinds: dict[str, list[float]] = {}
+    for name, value in ratios.items():
+        kinds.setdefault(name.rpartition(".")[2], []).append(value)
+    return ", ".join(
+        f"{kind} {min(values):.3g}-{max(values):.3g} (mean {sum(values) / len(values):.3g})"
+        for kind, values in kinds.items()
+    )

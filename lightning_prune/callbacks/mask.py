@@ -10,11 +10,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from ..architectures import is_prunable, out_in_view
+from ..architectures import is_prunable, out_in_shape, out_in_view
 from ..distributed.parallel import Processes
 from ..distributed.zero import (
     count_local,
-    full_shape,
     gathered,
     is_partitioned,
     local_slice,
@@ -141,7 +140,8 @@ class SparsityMaskCallback(Callback):
                     "save_pruned, or opt in to source='zeros'"
                 )
             layers = load_sparsity_metadata(directory)["measured"]["layers"]
-            return {name: _zeros_of(root.get_submodule(name)) for name, entry in layers.items() if entry["zeros"]}
+            origin = f"{os.path.join(str(directory), SPARSITY_FILE)} lists"
+            return {name: _zeros_of(_layer(root, name, origin)) for name, entry in layers.items() if entry["zeros"]}
         kept = {name: _zeros_of(module) for name, module in root.named_modules() if is_prunable(module)}
         masks = {name: mask for name, mask in kept.items() if not bool(mask.all())}
         if not masks:
@@ -205,6 +205,14 @@ def _root(pl_module: LightningModule) -> nn.Module:
     return model if isinstance(model, nn.Module) else pl_module
 
 
+def _layer(root: nn.Module, name: str, origin: str) -> nn.Module:
+    """``root``'s submodule ``name``; ValueError starting with ``origin`` when the model has none."""
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{origin} layer {name!r}, which the model does not have") from None
+
+
 def _zeros_of(module: nn.Module) -> torch.Tensor:
     """bool ``[out, in]`` on the CPU, True where the weight is nonzero (gathered under ZeRO-3: every process calls
     it)."""
@@ -216,11 +224,8 @@ def _bind(root: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, _MaskedW
     """``{name: masked layer}``, checking every name and shape."""
     bound = {}
     for name, mask in masks.items():
-        try:
-            module = root.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"mask for layer {name!r}, which the model does not have") from None
-        shape = tuple(out_in_view(module, torch.empty(full_shape(module.weight), device="meta")).shape)
+        module = _layer(root, name, "mask for")
+        shape = out_in_shape(module)
         if tuple(mask.shape) != shape:
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the layer's weight is {shape}")
         bound[name] = (_MaskedShard if is_partitioned(module.weight) else _MaskedWeight)(module, mask)

@@ -74,7 +74,11 @@ class OneShotPruningCallback(PruningCallback):
         resume_dir: a directory where each finished block is saved (:mod:`lightning_prune.progress`): a run that
             crashed or was requeued mid-pruning resumes at the next block when rerun with the same arguments and
             calibration data. Default None: nothing saved. It is removed when the fit ends successfully (after the
-            export) unless ``keep_resume_dir``.
+            export) unless ``keep_resume_dir``. Two runs cannot share it (a lock file keeps the second
+            out), and saved blocks are checked before use (checksum, shapes, dtypes, finite weights, zeros where
+            pruned, the model's weights when the block was pruned).
+        resume_invalid_blocks: ``"raise"`` (default): a saved block failing its checks stops the run with a
+            ``ValueError`` naming its file; ``"resolve"``: that block is solved again.
         keep_resume_dir: keep ``resume_dir`` after a successful fit (default False).
 
     Raises:
@@ -116,6 +120,7 @@ class OneShotPruningCallback(PruningCallback):
         evaluate: bool = False,
         eval_batches: int | None = None,
         resume_dir: str | None = None,
+        resume_invalid_blocks: str = "raise",
         keep_resume_dir: bool = False,
     ) -> None:
         super().__init__(num_calibration_batches, evaluate, eval_batches)
@@ -135,6 +140,7 @@ class OneShotPruningCallback(PruningCallback):
             offload=offload,
             gram_dtype=gram_dtype,
             resume_dir=resume_dir,
+            resume_invalid_blocks=resume_invalid_blocks,
         )
 
     @override

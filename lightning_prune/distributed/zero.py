@@ -76,6 +76,28 @@ def outside_zero_init() -> Iterator[None]:
             partition_parameters.restore_init_context()
 
 
+def release_gathered(modules: Sequence[nn.Module]) -> None:
+    """Partition again the ZeRO-3 parameters of ``modules`` left gathered (whole) on this process and used by no
+    running module; ``ds_persist`` parameters (kept whole by design) stay. No communication: each process frees its
+    own copies.
+
+    The pruning driver needs it: weights written by :func:`lightning_prune.weights.write_weights` stay gathered on
+    every process until the block's next forward releases them (DeepSpeed 0.19), and no forward follows the last
+    pruned block.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for module in modules:
+        for parameter in module.parameters():
+            if (
+                is_partitioned(parameter)
+                and parameter.ds_status == ZeroParamStatus.AVAILABLE
+                and not parameter.ds_persist
+                and not parameter.ds_active_sub_modules
+            ):
+                parameter.partition()
+
+
 def local_slice(parameter: torch.Tensor, full: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
     """This process's partition of ``full`` (laid out like the parameter): ``[P]``, padded with ``fill``.
 

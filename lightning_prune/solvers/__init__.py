@@ -4,12 +4,13 @@ Each returns a :class:`PruneResult` (new weight, bool mask of kept entries, stat
 layers that read the same input (q/k/v, gate/up) with one decomposition of their gram. See
 :mod:`lightning_prune.solvers.patterns` for the sparsity semantics and :data:`METHODS` for each method's options
 class. :func:`fasp` is the structured counterpart: it removes whole input columns of a layer (with the rows of the
-earlier layers feeding them) and returns a :class:`ColumnPruneResult`. Nothing here imports Lightning or
-transformers.
+earlier layers feeding them) and returns a :class:`ColumnPruneResult`; an :class:`OutputTarget` makes it refit
+towards other outputs (the dense model's), :func:`restoration_errors` gives its error at every kept count. Nothing
+here imports Lightning or transformers.
 """
 
 from .alps import ALPSOptions, alps, alps_shared
-from .fasp import ColumnPruneResult, FASPOptions, fasp, units_kept
+from .fasp import ColumnPruneResult, FASPOptions, OutputTarget, fasp, restoration_errors, units_kept
 from .magnitude import MagnitudeOptions, magnitude
 from .methods import METHODS, Method
 from .patterns import check_mask, parse_nm, select_mask
@@ -27,6 +28,7 @@ __all__ = [
     "METHODS",
     "MagnitudeOptions",
     "Method",
+    "OutputTarget",
     "PruneResult",
     "SOLVERS",
     "SparseGPTOptions",
@@ -37,6 +39,7 @@ __all__ = [
     "fasp",
     "magnitude",
     "parse_nm",
+    "restoration_errors",
     "select_mask",
     "sparsegpt",
     "units_kept",

@@ -7,20 +7,28 @@ Removing column j of L together with the rows that produce it removes a whole un
 Columns are grouped into *units* that are removed together (a unit is one row of the earlier layer; with GQA one
 value channel feeds a column in each of the query heads sharing it). Unit u scores
 ``s_u = Σ_{j ∈ u} sqrt(H_jj) · Σ_i |W_ij|`` (Wanda-style; ``score="magnitude"`` drops the ``sqrt(H_jj)`` factor).
-The lowest-scoring units are removed; the kept columns K of L are then refit:
+The lowest-scoring units are removed; the kept columns K of L are then refit to reproduce target outputs ``Y``:
 
-    W'_K = ((W H)_{:, K} + λ W_K) (H_KK + λI)⁻¹,   λ = damp · mean(diag H_KK),
+    W'_K = argmin ||Y − W'_K X_K||² + λ ||W'_K − W_K||² = ((Y Xᵀ)_{:, K} + λ W_K) (H_KK + λI)⁻¹,
 
-the minimiser of ||W X − W'_K X_K||² + λ ||W'_K − W_K||² (Cholesky; damping ×10 on failure). The damping pulls
-towards the unrestored weights rather than towards zero, so removing a unit that contributes nothing leaves the
-kept weights exactly as they were; if round-off still makes the refit worse than plain removal, plain removal is
-kept, so restoration never increases the layer error.
+``λ = damp · mean(diag H_KK)`` (Cholesky; damping ×10 on failure). By default ``Y = W X``, the layer's own output
+on the same inputs, so ``Y Xᵀ = W H``. An :class:`OutputTarget` gives other outputs instead, through the products
+the refit needs (``Y Xᵀ`` and ``||Y||²``): e.g. the *dense* model's output of the layer while ``X`` are the inputs
+the already pruned model gives it, so the refit also undoes the error the earlier pruning left in ``X``. The
+damping pulls towards the unrestored weights rather than towards zero, so removing a unit that contributes nothing
+leaves the kept weights exactly as they were; if round-off still makes the refit worse than plain removal, plain
+removal is kept, so restoration never increases the error.
+
+:func:`restoration_errors` gives, from the same gram, the error of the restored layer at *every* number of kept
+units at once (one Cholesky factorisation in score order): the curves the error allocation of
+:mod:`lightning_prune.structured` compares between groups.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,18 +47,32 @@ class FASPOptions(SolverOptions):
     Attributes:
         score: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``) or ``"magnitude"`` (``Σ_i|W_ij|``).
         restore: refit the kept columns by least squares (default True); False only drops columns.
-        damp: relative damping λ of the least-squares refit (default 0.01).
+        damp: relative damping λ of the least-squares refit (default 0.1: it beat 0.01 on SmolLM2, see README).
     """
 
     score: str = "wanda"
     restore: bool = True
-    damp: float = 0.01
+    damp: float = 0.1
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         check_flag("restore", self.restore)
         check_real("damp", self.damp)
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Outputs ``Y [out, T]`` that the refit of a layer must reproduce from its inputs ``X [n, T]`` (one column per
+    calibration token), given as the two products the refit and its error need.
+
+    Attributes:
+        cross: ``Y Xᵀ = Σ_t y_t x_tᵀ [out, n]``, summed over the same tokens as the gram ``H = X Xᵀ``.
+        energy: ``||Y||² = Σ_t ||y_t||²``, the denominator of the relative errors.
+    """
+
+    cross: torch.Tensor
+    energy: float
 
 
 @dataclass
@@ -64,6 +86,7 @@ class ColumnPruneResult:
         stats: ``method``, ``ratio`` (fraction of units removed), ``rel_error_before`` (columns dropped, no
             restoration), ``rel_error`` (after restoration; equal to the former when ``restore=False``),
             ``damp`` (damping finally used), ``seconds`` (scoring and restoration; the error diagnostics excluded).
+            Errors are ``||Y − W'_K X_K||² / ||Y||²`` with ``Y`` the target outputs (default ``W X``).
     """
 
     kept_units: torch.Tensor
@@ -79,63 +102,97 @@ def fasp(
     *,
     units: torch.Tensor | None = None,
     units_per_block: int | None = None,
+    target: OutputTarget | None = None,
     **options: object,
 ) -> ColumnPruneResult:
     """Remove the fraction ``ratio`` of L's input units and restore L on the rest.
 
     Args:
         weight: L's weight ``[out, n]``, any float dtype and device; not modified.
-        gram: ``H = XᵀX [n, n]`` of L's inputs, summed over calibration tokens.
+        gram: ``H = X Xᵀ [n, n]`` of L's inputs, summed over calibration tokens.
         ratio: fraction of units removed, in [0, 1); ``⌊U·(1 − ratio)⌋`` of U units are kept (at least 1).
         units: LongTensor ``[n]``: the unit id of each column, ids ``0..U−1`` (default: every column is a unit).
         units_per_block: when set, units ``b·k .. b·k + k − 1`` form block b (e.g. the value channels of one KV
             head) and every block keeps the same number ``⌊k·(1 − ratio)⌋`` of units, so heads still reshape.
+        target: the outputs the refit reproduces (default None: ``W X``, the layer's own outputs).
         **options: the fields of :class:`FASPOptions`: ``score``, ``restore``, ``damp``.
 
     Raises:
-        ValueError: naming the argument for a bad ratio, unit map, block size, score, shape or non-finite input.
+        ValueError: naming the argument for a bad ratio, unit map, block size, target, score, shape or non-finite
+            input.
     """
-    return solve_fasp(weight, gram, check_fraction(ratio, "ratio"), units, units_per_block, FASPOptions(**options))
+    ratio = check_fraction(ratio, "ratio")
+    options = FASPOptions(**options)
+    units, n_units = _check(weight, gram, units, units_per_block)
+    _check_target(target, weight)
+    return _prune(
+        weight, gram, units_kept(units_per_block or n_units, ratio), units, n_units, units_per_block, options, target
+    )
 
 
 def solve_fasp(
     weight: torch.Tensor,
     gram: torch.Tensor,
-    ratio: float,
+    keep: int,
     units: torch.Tensor | None,
     units_per_block: int | None,
     options: FASPOptions,
+    target: OutputTarget | None = None,
 ) -> ColumnPruneResult:
-    """:func:`fasp` with ``ratio`` and ``options`` already checked (the layer's tensors and units are checked here)."""
+    """:func:`fasp` keeping ``keep`` units (in every block when ``units_per_block`` is set), with ``options`` already
+    checked (the layer's tensors, units, ``keep`` and ``target`` are checked here)."""
     units, n_units = _check(weight, gram, units, units_per_block)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= (units_per_block or n_units):
+        raise ValueError(f"keep must be an int in [1, {units_per_block or n_units}] (units kept), got {keep!r}")
+    _check_target(target, weight)
+    return _prune(weight, gram, keep, units, n_units, units_per_block, options, target)
+
+
+def _prune(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    keep: int,
+    units: torch.Tensor,
+    n_units: int,
+    units_per_block: int | None,
+    options: FASPOptions,
+    target: OutputTarget | None,
+) -> ColumnPruneResult:
+    """The solver on checked arguments (``units`` from :func:`_check`)."""
     score, restore, damp = options.score, options.restore, options.damp
     start = time.perf_counter()
     W = weight.detach().double()
     H = gram.to(torch.float64)
-    column_scores = W.abs().sum(dim=0)
-    if score == "wanda":
-        column_scores = column_scores * torch.diagonal(H).clamp(min=0).sqrt()
-    unit_scores = torch.zeros(n_units, dtype=torch.float64, device=W.device).index_add_(0, units, column_scores)
-    kept_units = _keep_units(unit_scores, ratio, units_per_block)
+    unit_scores = _unit_scores(W, H, units, n_units, score)
+    kept_units = (
+        _ranking(unit_scores, units_per_block)[: keep * (n_units // (units_per_block or n_units))].sort().values
+    )
     kept = torch.isin(units, kept_units)
     kept_columns = torch.nonzero(kept).squeeze(1)
-    WH = W @ H
+    B = W @ H if target is None else target.cross.to(W)  # Y Xᵀ
+    B_K = B[:, kept_columns]
     H_KK = H[kept_columns.unsqueeze(1), kept_columns]
     dropped_only = weight.detach()[:, kept_columns]
     new_weight, used_damp = dropped_only, 0.0
     if restore:
-        new_weight, used_damp = _least_squares(WH[:, kept_columns], H_KK, W[:, kept_columns], damp)
+        new_weight, used_damp = _least_squares(B_K, H_KK, W[:, kept_columns], damp)
         new_weight = new_weight.to(weight.dtype)
     seconds = time.perf_counter() - start
-    total = float((WH * W).sum())
-    dropped = torch.nonzero(~kept).squeeze(1)
-    W_D = W[:, dropped]
-    error_before = error = _ratio(float(((W_D @ H[dropped.unsqueeze(1), dropped]) * W_D).sum()), total)
+    total = float((B * W).sum()) if target is None else float(target.energy)
+
+    def residual(V: torch.Tensor) -> float:
+        """||Y − V X_K||² = ||Y||² − 2 tr(V (Y Xᵀ)_Kᵀ) + tr(V H_KK Vᵀ)."""
+        return max(total - 2 * float((V * B_K).sum()) + float(((V @ H_KK) * V).sum()), 0.0)
+
+    if target is None:  # Y = W X: plain removal leaves exactly the dropped columns' part, tr(W_D H_DD W_Dᵀ)
+        dropped = torch.nonzero(~kept).squeeze(1)
+        W_D = W[:, dropped]
+        error_before = _ratio(float(((W_D @ H[dropped.unsqueeze(1), dropped]) * W_D).sum()), total)
+    else:
+        error_before = _ratio(residual(W[:, kept_columns]), total)
+    error = error_before
     if restore:
-        V = new_weight.double()
-        # tr(ΔW H ΔWᵀ) with ΔW = W − [V on K, 0 elsewhere]: tr(W H Wᵀ) − 2 tr(V (W H)_Kᵀ) + tr(V H_KK Vᵀ)
-        squared = total - 2 * float((V * WH[:, kept_columns]).sum()) + float(((V @ H_KK) * V).sum())
-        error = _ratio(max(squared, 0.0), total)
+        error = _ratio(residual(new_weight.double()), total)
         if error > error_before:
             new_weight, error = dropped_only, error_before
     stats = {
@@ -149,35 +206,103 @@ def solve_fasp(
     return ColumnPruneResult(kept_units, kept_columns, new_weight, stats)
 
 
-def units_kept(units: int, ratio: float) -> int:
-    """How many of ``units`` units :func:`fasp` keeps at ``ratio``: ``max(1, ⌊units·(1 − ratio)⌋)``."""
-    return max(1, int(units * (1 - ratio)))
+def restoration_errors(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    units: torch.Tensor | None,
+    units_per_block: int | None,
+    options: FASPOptions,
+) -> torch.Tensor:
+    """The error ``||W X − W'_K X_K||²`` :func:`fasp` leaves at every number of kept units, from one factorisation.
+
+    The units kept at k are the k best by score (in every block), a nested family, so with the columns ordered by
+    unit rank the least-squares fit on the first c columns is read off one Cholesky factor ``L`` of the reordered,
+    damped gram: ``||W X||² − ||L_c⁻¹ (H W ᵀ)_c||²`` (the leading ``c × c`` block of ``L`` factors ``H_cc``).
+    Without ``restore`` the error is ``tr(W_D H_DD W_Dᵀ)`` of the dropped columns D (a trailing block), read off
+    reversed cumulative sums. The restored errors use damping ``λ = damp · mean(diag H)`` towards zero (the solver
+    damps towards ``W_K`` with ``mean(diag H_KK)``), so they are close upper bounds of what :func:`fasp` reaches.
+    Computed in float32 (float64 for a float64 gram), the sums in float64.
+
+    Args:
+        weight: L's weight ``[out, n]``.
+        gram: ``H = X Xᵀ [n, n]`` of L's inputs.
+        units, units_per_block: as for :func:`fasp`.
+        options: the solver's options (``score`` ranks the units, ``restore`` and ``damp`` as in the refit).
+
+    Returns:
+        float64 ``[k_max + 1]`` on the CPU: entry k is ``||W X − W'_K X_K||²`` keeping k units (in every block),
+        ``k_max`` the units (per block); entry 0 is ``||W X||² = tr(W H Wᵀ)`` (nothing kept). Divide by entry 0 for
+        the relative errors of :class:`ColumnPruneResult`.
+
+    Raises:
+        ValueError: as :func:`fasp` for bad tensors or units.
+    """
+    units, n_units = _check(weight, gram, units, units_per_block)
+    H = gram.detach() if gram.dtype == torch.float64 else gram.detach().float()
+    W = weight.detach().to(H.dtype)
+    ranking = _ranking(_unit_scores(W, H, units, n_units, options.score), units_per_block)
+    rank_of_unit = torch.empty_like(ranking)
+    rank_of_unit[ranking] = torch.arange(n_units, device=ranking.device)
+    order = rank_of_unit[units].argsort(stable=True)  # columns of the best unit first
+    H_p, W_p = H[order.unsqueeze(1), order], W[:, order]
+    total = float(((W @ H) * W).sum())
+    if options.restore:
+        damped, _ = escalate_damping(partial(_damped_cholesky, H_p), options.damp, "gram")
+        G = torch.linalg.solve_triangular(damped, (W_p @ H_p).T, upper=False)
+        kept_energy = torch.cumsum(G.pow(2).sum(dim=1).double(), 0)
+        errors = (total - kept_energy).clamp(min=0)  # after c + 1 columns
+    else:
+        A = ((W_p.T @ W_p) * H_p).double()  # tr(W_D H_DD W_Dᵀ) = sum of A over D × D
+        suffix = A.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1).diagonal()  # D = columns c.. (c kept)
+        errors = torch.cat([suffix[1:], suffix.new_zeros(1)])
+    per_unit = torch.bincount(units, minlength=n_units)[ranking]
+    blocks = n_units // (units_per_block or n_units)
+    columns_kept = torch.cumsum(per_unit, 0)[blocks - 1 :: blocks]  # after the k best units of every block
+    return torch.cat([errors.new_full((1,), total), errors[columns_kept - 1]]).cpu()
 
 
-def _keep_units(scores: torch.Tensor, ratio: float, units_per_block: int | None) -> torch.Tensor:
-    """Sorted ids of the highest-scoring units: ⌊U(1 − ratio)⌋ overall, or that share of every block."""
+def units_kept(units: int, ratio: float, multiple: int = 1) -> int:
+    """How many of ``units`` units :func:`fasp` keeps at ``ratio``: ``⌊units·(1 − ratio)⌋`` rounded down to a
+    multiple of ``multiple``, at least ``multiple`` (all ``units`` when there are fewer)."""
+    return min(units, max(multiple, int(units * (1 - ratio)) // multiple * multiple))
+
+
+def _unit_scores(W: torch.Tensor, H: torch.Tensor, units: torch.Tensor, n_units: int, score: str) -> torch.Tensor:
+    """``s_u = Σ_{j ∈ u} sqrt(H_jj)·Σ_i |W_ij|`` (``"wanda"``) or ``Σ_{j ∈ u} Σ_i |W_ij|`` (``"magnitude"``)."""
+    column_scores = W.abs().sum(dim=0)
+    if score == "wanda":
+        column_scores = column_scores * torch.diagonal(H).clamp(min=0).sqrt()
+    return torch.zeros(n_units, dtype=W.dtype, device=W.device).index_add_(0, units, column_scores)
+
+
+def _ranking(scores: torch.Tensor, units_per_block: int | None) -> torch.Tensor:
+    """Unit ids from the best to the worst score (ties: lower id first); with blocks of ``units_per_block`` units,
+    rank-major (the best unit of every block, then the second best of every block, …), so the first ``k · blocks``
+    are the k best of every block."""
     if units_per_block is None:
-        return scores.topk(units_kept(scores.numel(), ratio)).indices.sort().values
+        return scores.argsort(descending=True, stable=True)
     blocks = scores.reshape(-1, units_per_block)
-    keep = units_kept(units_per_block, ratio)
     offsets = torch.arange(blocks.shape[0], device=scores.device).unsqueeze(1) * units_per_block
-    return (blocks.topk(keep, dim=1).indices + offsets).reshape(-1).sort().values
+    return (blocks.argsort(dim=1, descending=True, stable=True) + offsets).T.reshape(-1)
 
 
-def _least_squares(
-    WH_K: torch.Tensor, H_KK: torch.Tensor, W_K: torch.Tensor, damp: float
-) -> tuple[torch.Tensor, float]:
-    """``((W H)_{:,K} + λ W_K) (H_KK + λI)⁻¹`` by Cholesky (fp64 inputs, fp32 result), escalating ``damp`` ×10 on
+def _damped_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """Lower Cholesky factor of ``H + damp · mean(diag H) · I``, or None when the factorisation fails."""
+    mean_diag = float(torch.diagonal(H).clamp(min=0).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    L, info = torch.linalg.cholesky_ex(H + damp * (mean_diag if mean_diag > 0 else 1.0) * eye)
+    return None if int(info) else L
+
+
+def _least_squares(B_K: torch.Tensor, H_KK: torch.Tensor, W_K: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """``((Y Xᵀ)_{:,K} + λ W_K) (H_KK + λI)⁻¹`` by Cholesky (fp64 inputs, fp32 result), escalating ``damp`` ×10 on
     failure."""
     mean_diag = float(torch.diagonal(H_KK).clamp(min=0).mean())
     scale = mean_diag if mean_diag > 0 else 1.0
-    eye = torch.eye(H_KK.shape[0], dtype=H_KK.dtype, device=H_KK.device)
 
     def solve(damp: float) -> torch.Tensor | None:
-        L, info = torch.linalg.cholesky_ex(H_KK + damp * scale * eye)
-        if int(info) != 0:
-            return None
-        return torch.cholesky_solve((WH_K + damp * scale * W_K).T, L).T.float()
+        L = _damped_cholesky(H_KK, damp)
+        return None if L is None else torch.cholesky_solve((B_K + damp * scale * W_K).T, L).T.float()
 
     return escalate_damping(solve, damp, "gram restricted to the kept columns")
 
@@ -185,6 +310,20 @@ def _least_squares(
 def _ratio(numerator: float, denominator: float) -> float:
     """``numerator / denominator``, 0 when the denominator (the layer's output energy ``tr(W H Wᵀ)``) is 0."""
     return numerator / denominator if denominator > 0 else 0.0
+
+
+def _check_target(target: OutputTarget | None, weight: torch.Tensor) -> None:
+    if target is None:
+        return
+    out, n = weight.shape
+    if not isinstance(target, OutputTarget):
+        raise ValueError(f"target must be an OutputTarget or None, got {type(target).__name__}")
+    cross = target.cross
+    if not isinstance(cross, torch.Tensor) or not cross.is_floating_point() or cross.shape != (out, n):
+        raise ValueError(f"target.cross must be a floating tensor [out, n] = [{out}, {n}]")
+    if not bool(torch.isfinite(cross).all()):
+        raise ValueError("target.cross must be finite (no NaN or Inf)")
+    check_real("target.energy", target.energy)
 
 
 def _check(weight, gram, units, units_per_block) -> tuple[torch.Tensor, int]:

@@ -71,9 +71,9 @@ def check_layer(weight: torch.Tensor, gram: torch.Tensor | None, nm: NM | None, 
     """Validate one layer problem's tensors against an already checked pattern.
 
     Args:
-        weight: ``[out, in]`` floating tensor, finite.
-        gram: ``[in, in]`` floating tensor ``H = XᵀX``, finite, on ``weight``'s device; may be ``None`` when
-            ``needs_gram`` is False.
+        weight: ``[out, in]`` floating tensor with at least one entry, finite.
+        gram: ``[in, in]`` floating tensor ``H = XᵀX``, finite, with a diagonal ``>= 0`` (sums of squares), on
+            ``weight``'s device; may be ``None`` when ``needs_gram`` is False.
         nm: ``(n, m)`` or None; with N:M, ``in`` must be divisible by ``m``.
         needs_gram: whether the solver needs ``gram`` (default True).
 
@@ -82,6 +82,8 @@ def check_layer(weight: torch.Tensor, gram: torch.Tensor | None, nm: NM | None, 
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-D floating tensor [out, in], got {_describe(weight)}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight has no entries (shape {tuple(weight.shape)}): there is nothing to prune")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf")
     if gram is None and needs_gram:
@@ -92,6 +94,12 @@ def check_layer(weight: torch.Tensor, gram: torch.Tensor | None, nm: NM | None, 
             raise ValueError(f"gram must be a floating tensor [in, in] = [{n_in}, {n_in}], got {_describe(gram)}")
         if not torch.isfinite(gram).all():
             raise ValueError("gram contains NaN or Inf")
+        negative = torch.nonzero(torch.diagonal(gram) < 0).flatten()
+        if negative.numel():
+            raise ValueError(
+                f"gram has a negative diagonal entry (input {int(negative[0])}): H = XᵀX has H_jj = Σ x_j² >= 0; "
+                "pass the gram of the layer's calibration inputs"
+            )
         if gram.device != weight.device:
             raise ValueError(f"gram is on {gram.device} but weight is on {weight.device}")
     if nm is not None and weight.shape[1] % nm[1] != 0:

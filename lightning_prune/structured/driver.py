@@ -2,19 +2,22 @@
 
 Flow of :func:`prune_structured` (pure torch + transformers):
 
-1. Catch the first block's inputs on the calibration batches
-   (:func:`lightning_prune.calibration.capture_block_inputs`).
-2. For each block, for each coupled group in forward order (attention, then MLP; see
-   :class:`lightning_prune.architectures.CouplingGroup`): accumulate the gram of the later layer's input with the
-   block as pruned so far (the MLP's gram sees the pruned attention; each batch's forward stops at the later
-   layer), run the FASP solver (:func:`lightning_prune.solvers.fasp`), then replace the earlier layers by ones
-   keeping only the rows of the kept units (bias entries too) and the later layer by one with only the kept
+1. Plan the kept width of every coupled group (:func:`lightning_prune.structured.ratios.plan_widths`; checked
+   before the model is touched) and catch the first block's inputs on the calibration batches
+   (:func:`lightning_prune.calibration.capture_block_inputs`). With ``allocation="error"`` one pass over the dense
+   model measures every free group's error at every allowed width and the budget is split where it costs least
+   (:mod:`lightning_prune.structured.allocation`).
+2. For each block: with ``restore_target="dense"``, run the still dense block once on the dense stream, recording
+   the outputs of its later layers (:mod:`lightning_prune.structured.dense`). Then for each coupled group in forward
+   order (attention, then MLP; see :class:`lightning_prune.architectures.CouplingGroup`): accumulate the gram of the
+   later layer's input with the block as pruned so far (the MLP's gram sees the pruned attention; each batch's
+   forward stops at the later layer), with the dense target also the cross product of the recorded dense outputs
+   with those inputs; run the FASP solver (:func:`lightning_prune.solvers.fasp`), then replace the earlier layers
+   by ones keeping only the rows of the kept units (bias entries too) and the later layer by one with only the kept
    columns and the restored weight. The pruned block's outputs feed the next block.
 3. Record the new widths in the config (:func:`lightning_prune.structured.models.record_widths`): a model whose
    MLP shrank by the same amount everywhere stays a stock transformers model; narrower values (or sizes differing
    between blocks) make it a ``*_fasp`` model that reloads after ``import lightning_prune.structured``.
-
-How many units each group loses is :mod:`lightning_prune.structured.ratios`' business.
 
 Replay. Pruning a group leaves the kept units' activations unchanged, so the pruned group's output is the new later
 layer applied to the kept columns of the input recorded for its gram. Where the family names a module returning
@@ -24,8 +27,13 @@ times, its MLP once instead of twice.
 
 Memory: as :func:`lightning_prune.sequential.prune_model` (one block's calibration activations, one gram at a
 time), plus, for the block being pruned, the recorded later-layer inputs of one group (``tokens × intermediate
-size`` floats for the MLP) and the replayed outputs (``tokens × hidden`` per group), kept on the CPU with
-``offload="cpu"``; and, until the call returns, the replaced layers of every pruned block (for rollback).
+size`` floats for the MLP) and the replayed outputs (``tokens × hidden`` per group); with the dense target a second
+stream of hidden states and the block's recorded dense outputs (``tokens × hidden`` each, per pruned group); all
+kept on the CPU with ``offload="cpu"``; and, until the call returns, the replaced layers of every pruned block (for
+rollback).
+
+Cost (forwards of the calibration tokens through the model): one for the pruned stream, one more for the dense
+stream (``restore_target="dense"``), one more for the error allocation; each with the grams of the later layers.
 """
 
 from __future__ import annotations
@@ -52,12 +60,14 @@ from ..calibration import (
     to_device,
 )
 from ..gram import GramAccumulator
-from ..solvers.fasp import ColumnPruneResult, FASPOptions, solve_fasp
+from ..solvers.fasp import ColumnPruneResult, FASPOptions, OutputTarget, solve_fasp
 from ..steps import PlannedStep, ProgressHook, announce, check_progress
 from ..weights import Rollback
+from .allocation import allocate, error_costs
+from .dense import TargetAccumulator, dense_outputs, dense_stream
 from .models import check_slimmable, group_width, linear_like, record_widths, replace_module, slim_attention
 from .options import StructuredOptions
-from .ratios import decoder_linear_parameters, resolve_ratios
+from .ratios import decoder_linear_parameters, group_sizes, plan_widths, removed_by_widths
 
 
 @dataclass
@@ -87,7 +97,9 @@ class StructuredReport:
 
     Attributes:
         groups: ``{group name: GroupReport}`` of the pruned groups, in pruning order.
-        ratios: ``{group name: ratio}`` for every coupled group (0: left alone).
+        ratios: ``{group name: ratio}`` for every coupled group: the fraction of its units removed,
+            ``1 − kept/width`` (0: left alone), as allocated and rounded to ``width_multiple``.
+        widths: ``{group name: kept width}`` for every coupled group (value channels per KV head for attention).
         decoder_linear_parameters: weights and biases of the decoder blocks' linear layers before pruning.
         parameters_before: parameters of the whole model before (shared tensors counted once).
         parameters_after: parameters of the whole model after.
@@ -96,6 +108,7 @@ class StructuredReport:
 
     groups: dict[str, GroupReport] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
+    widths: dict[str, int] = field(default_factory=dict)
     decoder_linear_parameters: int = 0
     parameters_before: int = 0
     parameters_after: int = 0
@@ -133,7 +146,8 @@ def fasp_prune(
         progress: an optional :class:`~lightning_prune.steps.ProgressHook`, told the number of groups pruned, then
             each group replaced.
         **options: the other fields of :class:`~lightning_prune.structured.StructuredOptions`:
-            ``target_fraction``, ``group_ratios``, ``score``, ``restore``, ``damp``, ``offload``.
+            ``target_fraction``, ``group_ratios``, ``score``, ``restore``, ``restore_target``, ``damp``,
+            ``allocation``, ``min_ratio``, ``max_ratio``, ``width_multiple``, ``offload``.
 
     Returns:
         A :class:`StructuredReport`.
@@ -166,51 +180,101 @@ def prune_structured(
     check_slimmable(model)
     path, blocks = find_blocks(model)
     check_uniform_blocks(model, len(blocks))
-    ratios = resolve_ratios(
-        model, options.ratio, target_fraction=options.target_fraction, group_ratios=options.group_ratios
-    )
+    sizes = group_sizes(model)
+    kept, choices = plan_widths(model, options)
     report = StructuredReport(
-        ratios=ratios, decoder_linear_parameters=decoder_linear_parameters(model), parameters_before=_count(model)
+        decoder_linear_parameters=decoder_linear_parameters(model), parameters_before=_count(model)
     )
-    num_heads = attention_heads(model.config)[0]
-    active = [index for index in range(len(blocks)) if any(ratios[f"{path}.{index}.{g.name}"] > 0 for g in groups)]
     storage = options.calibration.offload
-    rollback = Rollback()
+    run = _Run(model, path, len(blocks), options, report, Rollback(), progress)
     with calibration_mode(model):
         try:
-            if active:
+            if choices or any(kept[name] < size.width for name, size in sizes.items()):
                 inputs = capture_block_inputs(model, blocks[0], batches, storage)
-                announce(progress, _planned_steps(len(blocks), path, groups, ratios))
-                for index in range(active[-1] + 1):
-                    block, device = blocks[index], device_of(blocks[index])
-                    replays: dict[str, list[Any]] = {}
-                    for group in groups:
-                        name = f"{path}.{index}.{group.name}"
-                        if ratios[name] == 0:
-                            continue
-                        with _replaying(block, replays, device):
-                            gram, later_inputs = _gram(block, group, name, inputs, device, storage)
-                        result = _solve(model, block, group, gram.H, ratios[name], options.solver)
-                        width_before = group_width(block, group, num_heads)
-                        _replace_group(model, block, group, result, rollback)
-                        width_after = group_width(block, group, num_heads)
-                        report.groups[name] = GroupReport(
-                            index, result.kept_units.cpu(), width_before, width_after, dict(result.stats), gram.tokens
-                        )
-                        if group.module is not None:
-                            replays[group.module] = _outputs(block, group, result, later_inputs, device, storage)
-                        if progress is not None:
-                            progress.step(name, index, len(blocks), result)
-                    if index < active[-1]:
-                        with _replaying(block, replays, device):
-                            propagate(inputs, block, device, storage)
-                rollback.add(record_widths(model))
+            if choices:
+                costs = error_costs(model, blocks, path, groups, inputs, set(choices), options.solver, storage)
+                goal = options.target_fraction * report.decoder_linear_parameters - removed_by_widths(sizes, kept)
+                kept.update(allocate(sizes, costs, choices, goal))
+            report.widths = {name: kept[name] for name in sizes}
+            report.ratios = {name: 1 - kept[name] / size.width for name, size in sizes.items()}
+            pruned = {name: kept[name] for name, size in sizes.items() if kept[name] < size.width}
+            if pruned:
+                announce(progress, _planned_steps(len(blocks), path, groups, report.ratios))
+            last = max((int(name[len(path) + 1 :].split(".")[0]) for name in pruned), default=-1)
+            dense = None
+            for index in range(last + 1):
+                block_groups = {
+                    group: pruned[f"{path}.{index}.{group.name}"]
+                    for group in groups
+                    if f"{path}.{index}.{group.name}" in pruned
+                }
+                if options.restore and options.restore_target == "dense" and (block_groups or dense is not None):
+                    dense = dense_stream(inputs) if dense is None else dense  # the streams are equal until here
+                run.block(index, blocks[index], block_groups, inputs, dense, propagate_after=index < last)
+            run.rollback.add(record_widths(model))
         except BaseException:
-            rollback.restore()
+            run.rollback.restore()
             raise
     report.parameters_after = _count(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+@dataclass
+class _Run:
+    """What pruning one block needs to know of the whole run, and where it reports."""
+
+    model: nn.Module
+    path: str
+    n_blocks: int
+    options: StructuredOptions
+    report: StructuredReport
+    rollback: Rollback
+    progress: ProgressHook[ColumnPruneResult] | None
+
+    def block(
+        self,
+        index: int,
+        block: nn.Module,
+        groups: dict[CouplingGroup, int],
+        inputs: list[CalibrationBatch],
+        dense: list[CalibrationBatch] | None,
+        propagate_after: bool,
+    ) -> None:
+        """Prune ``groups`` (``{group: kept width}``, in forward order) of ``block``, refit towards the dense stream's
+        outputs when ``dense`` is given (and move that stream on), then move ``inputs`` on to the next block when
+        ``propagate_after``."""
+        device, storage = device_of(block), self.options.calibration.offload
+        num_heads = attention_heads(self.model.config)[0]
+        targets: dict[str, list[torch.Tensor]] = {}
+        if dense is not None:
+            layers = {group.name: block.get_submodule(group.later) for group in groups}
+            targets = dense_outputs(block, layers, dense, device, storage)
+        replays: dict[str, list[Any]] = {}
+        for group, keep in groups.items():
+            name = f"{self.path}.{index}.{group.name}"
+            with _replaying(block, replays, device):
+                gram, later_inputs, target = _gram(
+                    block, group, name, inputs, device, storage, targets.pop(group.name, None)
+                )
+            result = _solve(self.model, block, group, gram.H, keep, self.options.solver, target)
+            width_before = group_width(block, group, num_heads)
+            _replace_group(self.model, block, group, result, self.rollback)
+            self.report.groups[name] = GroupReport(
+                index,
+                result.kept_units.cpu(),
+                width_before,
+                group_width(block, group, num_heads),
+                dict(result.stats),
+                gram.tokens,
+            )
+            if group.module is not None:
+                replays[group.module] = _outputs(block, group, result, later_inputs, device, storage)
+            if self.progress is not None:
+                self.progress.step(name, index, self.n_blocks, result)
+        if propagate_after:
+            with _replaying(block, replays, device):
+                propagate(inputs, block, device, storage)
 
 
 def _gram(
@@ -220,22 +284,28 @@ def _gram(
     inputs: list[CalibrationBatch],
     device: torch.device,
     storage: str | None,
-) -> tuple[GramAccumulator, list[torch.Tensor]]:
-    """The gram of ``group``'s later layer on the block as pruned so far, and (when the group has a replayable
-    ``module``) that layer's input per batch, kept in ``storage``; each batch's forward stops there."""
+    target_outputs: list[torch.Tensor] | None,
+) -> tuple[GramAccumulator, list[torch.Tensor], OutputTarget | None]:
+    """The gram of ``group``'s later layer on the block as pruned so far; (when the group has a replayable ``module``)
+    that layer's input per batch, kept in ``storage``; and, given the outputs the refit must reproduce per batch,
+    its :class:`~lightning_prune.solvers.fasp.OutputTarget`. Each batch's forward stops at the later layer."""
     later = block.get_submodule(group.later)
     later_inputs: list[torch.Tensor] = []
+    target = None if target_outputs is None else TargetAccumulator(target_outputs, later.in_features, device)
+    masks = (batch.valid for batch in inputs)
 
     def keep(module: nn.Module, args: tuple) -> None:
-        later_inputs.append(to_device(args[0], storage))
+        if group.module is not None:
+            later_inputs.append(to_device(args[0], storage))
+        if target is not None:
+            target.add(args[0], next(masks))
 
-    handle = later.register_forward_pre_hook(keep) if group.module is not None else None
+    handle = later.register_forward_pre_hook(keep)
     try:
         gram = collect_grams(block, {name: later}, inputs, device, torch.float32, stop_early=True)[name]
     finally:
-        if handle is not None:
-            handle.remove()
-    return gram, later_inputs
+        handle.remove()
+    return gram, later_inputs, None if target is None else target.target()
 
 
 def _outputs(
@@ -276,16 +346,23 @@ def _next_output(recorded: Iterator[Any], device: torch.device, *args: Any, **kw
 
 
 def _solve(
-    model: nn.Module, block: nn.Module, group: CouplingGroup, gram: torch.Tensor, ratio: float, options: FASPOptions
+    model: nn.Module,
+    block: nn.Module,
+    group: CouplingGroup,
+    gram: torch.Tensor,
+    keep: int,
+    options: FASPOptions,
+    target: OutputTarget | None,
 ) -> ColumnPruneResult:
-    """Run the FASP solver on ``group``'s later layer; value channels are tied over the query heads sharing them."""
+    """Run the FASP solver on ``group``'s later layer keeping ``keep`` units (value channels per KV head for
+    attention); value channels are tied over the query heads sharing them."""
     later = block.get_submodule(group.later)
     units = units_per_block = None
     if group.attention:
         num_heads, num_kv_heads, _ = attention_heads(model.config)
         units_per_block = group_width(block, group, num_heads)
         units = value_units(num_heads, num_kv_heads, units_per_block).to(later.weight.device)
-    return solve_fasp(later.weight.detach(), gram, ratio, units, units_per_block, options)
+    return solve_fasp(later.weight.detach(), gram, keep, units, units_per_block, options, target)
 
 
 def _replace_group(

@@ -8,7 +8,15 @@ from typing import Any
 
 from ..calibration import CalibrationOptions
 from ..solvers.fasp import FASPOptions
+from ..solvers.options import check_int
+from ..solvers.patterns import check_fraction
 from .ratios import check_ratio_arguments
+
+#: Accepted ``restore_target`` values.
+RESTORE_TARGETS = ("dense", "layer")
+
+#: Accepted ``allocation`` values.
+ALLOCATIONS = ("uniform", "error")
 
 
 @dataclass(frozen=True)
@@ -25,7 +33,20 @@ class StructuredOptions:
             left alone.
         score: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``) or ``"magnitude"`` (``Σ_i|W_ij|``).
         restore: refit the later layer on the kept columns by least squares (default True).
-        damp: relative damping of the refit (default 0.01).
+        restore_target: what the refit reproduces: ``"layer"`` (default) the layer's own output on the pruned
+            model's inputs; ``"dense"`` the dense model's output of the layer on the dense model's inputs, from the
+            inputs the pruned model gives it (a second stream of activations, see
+            :mod:`lightning_prune.structured.dense`; needs ``restore``). The default is the measured better one
+            (README, "Structured pruning (FASP)").
+        damp: relative damping of the refit (default 0.1).
+        allocation: how ``target_fraction`` is split between the free groups (those ``group_ratios`` does not fix):
+            ``"uniform"`` (default) one ratio for all; ``"error"`` (needs ``target_fraction``) gives each group its
+            own width where the removal costs the least error (:mod:`lightning_prune.structured.allocation`).
+        min_ratio, max_ratio: with ``allocation="error"``, every free group's ratio lies in ``[min_ratio,
+            max_ratio]`` (defaults 0 and 0.8: no group is emptied).
+        width_multiple: every pruned group keeps a multiple of this many units (default 8; 64 or 128 suit GPUs):
+            MLP channels, and value channels per KV head. Ratios are rounded towards removing more (the kept count
+            down to the multiple, at least one multiple); the parameter count and the budget use the rounded widths.
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory; None keeps them on the device.
 
     The parsed forms are attributes too: :attr:`solver` (:class:`~lightning_prune.solvers.FASPOptions`) and
@@ -37,7 +58,12 @@ class StructuredOptions:
     group_ratios: Mapping[str, float] = field(default_factory=dict)
     score: str = FASPOptions.score
     restore: bool = FASPOptions.restore
+    restore_target: str = "layer"
     damp: float = FASPOptions.damp
+    allocation: str = "uniform"
+    min_ratio: float = 0.0
+    max_ratio: float = 0.8
+    width_multiple: int = 8
     offload: str | None = "cpu"
 
     solver: FASPOptions = field(init=False, repr=False)
@@ -46,6 +72,23 @@ class StructuredOptions:
     def __post_init__(self) -> None:
         group_ratios = check_ratio_arguments(self.ratio, self.target_fraction, self.group_ratios)
         object.__setattr__(self, "group_ratios", group_ratios)
+        if self.restore_target not in RESTORE_TARGETS:
+            raise ValueError(f"restore_target must be one of {RESTORE_TARGETS}, got {self.restore_target!r}")
+        if self.restore_target == "dense" and self.restore is False:
+            raise ValueError("restore_target='dense' chooses what the refit reproduces: it needs restore=True")
+        check_int("width_multiple", self.width_multiple, 1)
+        allocation = self.allocation
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if allocation == "error" and self.target_fraction is None:
+            raise ValueError("allocation='error' splits a target_fraction budget: give target_fraction, not ratio")
+        check_fraction(self.min_ratio, "min_ratio")
+        check_fraction(self.max_ratio, "max_ratio")
+        if self.min_ratio > self.max_ratio:
+            raise ValueError(f"min_ratio={self.min_ratio} must not exceed max_ratio={self.max_ratio}")
+        default = type(self)
+        if allocation == "uniform" and (self.min_ratio, self.max_ratio) != (default.min_ratio, default.max_ratio):
+            raise ValueError("min_ratio and max_ratio bound allocation='error'; with a uniform ratio leave them unset")
         object.__setattr__(self, "solver", FASPOptions(self.score, self.restore, self.damp))
         object.__setattr__(self, "calibration", CalibrationOptions(self.offload))
 
@@ -58,5 +101,10 @@ class StructuredOptions:
             "group_ratios": dict(self.group_ratios),
             "score": self.score,
             "restore": self.restore,
+            "restore_target": self.restore_target,
             "damp": self.damp,
+            "allocation": self.allocation,
+            "min_ratio": self.min_ratio,
+            "max_ratio": self.max_ratio,
+            "width_multiple": self.width_multiple,
         }
