@@ -103,7 +103,9 @@ def test_a_slimmed_fasp_model_reloads_with_stock_transformers_without_our_packag
     tiny_model, calibration_batches, tmp_path
 ):
     model = tiny_model("llama")
-    fasp_prune(model, calibration_batches(), group_ratios={"model.layers.0.attention": 0.5, "mlp": 0.25})
+    fasp_prune(
+        model, calibration_batches(), group_ratios={"model.layers.0.attention": 0.5, "mlp": 0.25}, width_multiple=1
+    )
     assert model.config.model_type == "llama_fasp"
     path = save_pruned(model, tmp_path / "slim")
     assert json.loads((path / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
