@@ -52,6 +52,7 @@ import torch
 from lightning_prune.embedded import bible_splits, smollm2_dir, token_windows
 from lightning_prune.evaluation import perplexity
 from lightning_prune.solvers import fasp
+from lightning_prune.solvers.timing import seconds_since, synchronize
 from lightning_prune.structured import fasp_prune
 
 from .common import RESULTS_DIR, add_common_arguments, environment, format_summary, ratio, write_report
@@ -160,9 +161,11 @@ def speed(dense: torch.nn.Module, slim: torch.nn.Module, level: float, repeats: 
             with torch.inference_mode():
                 for _ in range(repeats + 1):  # the first round is a warm-up
                     for name, module in modules.items():
+                        device = next(module.parameters()).device
+                        synchronize(device)
                         start = time.perf_counter()
-                        module(input_ids=ids)
-                        times[name].append(time.perf_counter() - start)
+                        module(input_ids=ids.to(device))
+                        times[name].append(seconds_since(start, device))
             for name in modules:
                 row[f"{name}_{part}_s"] = min(times[name][1:])
                 row[f"{name}_{part}_tokens_per_s"] = batch * length / row[f"{name}_{part}_s"]

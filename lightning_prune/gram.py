@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .precision import full_precision
+
 GRAM_DTYPES = (torch.float32, torch.float64)
 
 
@@ -17,7 +19,12 @@ class GramAccumulator:
 
         acc = GramAccumulator("model.layers.0.mlp.down_proj", in_features=1536)
         acc.add(x, valid=attention_mask.bool())  # x [batch, seq, 1536], valid [batch, seq]
+        acc.check_finite()                        # once, after the last batch
         H, tokens = acc.H, acc.tokens
+
+    :meth:`add` never waits for the device: padding rows are zeroed arithmetically (no boolean indexing, whose
+    result size the host would have to read) and the token count stays a device tensor until :attr:`tokens` is
+    read; NaN or Inf activations are caught by :meth:`check_finite` on the sum, once.
 
     Args:
         name: the layer's full name, used in error messages.
@@ -32,7 +39,7 @@ class GramAccumulator:
 
     Attributes:
         H: ``[in, in]`` running sum of ``xᵀx`` over valid tokens (zeros before the first batch).
-        tokens: number of valid tokens accumulated so far.
+        tokens: number of valid tokens accumulated so far (reading it waits for the device).
     """
 
     def __init__(
@@ -48,19 +55,30 @@ class GramAccumulator:
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
         self.name = name
         self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
-        self.tokens = 0
+        self._tokens: int | torch.Tensor = 0
+
+    @property
+    def tokens(self) -> int:
+        """Valid tokens accumulated so far (kept on the device by :meth:`add`; reading it waits for the device)."""
+        return int(self._tokens)
+
+    @tokens.setter
+    def tokens(self, value: int) -> None:
+        self._tokens = value
 
     def add(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Accumulate one batch of layer inputs.
+        """Accumulate one batch of layer inputs (with autocast disabled: the sum keeps the accumulation dtype).
 
         Args:
             x: ``[batch, seq, in]`` or ``[tokens, in]`` (any leading shape), any float dtype.
             valid: bool mask over ``x``'s leading dimensions (``[batch, seq]`` or ``[tokens]``), True for real
                 tokens; padding tokens are skipped. None: every token counts.
 
+        Memory: a copy of ``x`` in the accumulation dtype on ``H``'s device (none when ``x`` is already that and
+        ``valid`` is None).
+
         Raises:
-            ValueError: naming ``x`` or ``valid`` for a wrong shape or dtype, and naming the layer when a valid
-                token's activation is NaN or Inf.
+            ValueError: naming ``x`` or ``valid`` for a wrong shape or dtype.
         """
         in_features = self.H.shape[0]
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != in_features:
@@ -74,12 +92,23 @@ class GramAccumulator:
                     f"valid must be a bool tensor over x's leading dimensions {tuple(x.shape[:-1])} "
                     f"for layer {self.name}, got {shape}"
                 )
-            rows = rows[valid.reshape(-1).to(rows.device)]
-        rows = rows.to(device=self.H.device, dtype=self.H.dtype)
-        if not bool(torch.isfinite(rows).all()):
-            raise ValueError(f"layer {self.name}: calibration activations at its input contain NaN or Inf")
-        if self.H.dtype == torch.float64:
-            self.H.add_((rows.T @ rows).float())  # order-independent sum: see ``dtype``
+            keep = valid.reshape(-1, 1).to(self.H.device)
+            rows = rows.to(device=self.H.device, dtype=self.H.dtype, copy=True)
+            rows.masked_fill_(~keep, 0)  # a padding row adds nothing to xᵀx (NaN or Inf there included)
+            self._tokens = self._tokens + keep.sum()
         else:
-            self.H.addmm_(rows.T, rows)
-        self.tokens += rows.shape[0]
+            rows = rows.to(device=self.H.device, dtype=self.H.dtype)
+            self._tokens = self._tokens + rows.shape[0]
+        with full_precision(rows.device):
+            if self.H.dtype == torch.float64:
+                self.H.add_((rows.T @ rows).float())  # order-independent sum: see ``dtype``
+            else:
+                self.H.addmm_(rows.T, rows)
+
+    def check_finite(self) -> None:
+        """Raise a ValueError naming the layer if a valid token's activation was NaN or Inf (or overflowed ``H``).
+
+        A non-finite activation of input ``j`` makes ``H_jj`` non-finite, so one check of the sum replaces one per
+        batch (a host synchronisation each)."""
+        if not bool(torch.isfinite(self.H).all()):
+            raise ValueError(f"layer {self.name}: calibration activations at its input contain NaN or Inf")

@@ -16,15 +16,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
-from .architectures import LayerSelection, check_patterns, matches
-from .calibration import CalibrationOptions
-from .distributed.parallel import processes_for
+from .allocation import AllocationOptions, BudgetLayer, allocate
+from .architectures import LayerSelection, check_patterns, in_features, matches
+from .calibration import CalibrationOptions, device_of
+from .distributed.parallel import Processes, processes_for
+from .distributed.zero import full_shape
 from .progress import INVALID_BLOCKS, PruningProgress, ResumeBlocks, fingerprint
-from .sequential import LayerReport, prune_model
+from .sensitivity import measure_layers
+from .sequential import LayerReport, Solve, SolveShared, prune_model
 from .solvers import METHODS
 from .solvers.options import SolverOptions
 from .solvers.patterns import NM, check_fraction, parse_nm
@@ -71,9 +75,17 @@ class OneShotOptions:
         resume_invalid_blocks: what a rerun does with a saved block that fails its checks (checksum, layer
             shapes and dtypes, finite weights that are zero wherever the mask prunes): ``"raise"`` (default) a
             ``ValueError`` naming the file, or ``"resolve"``: solve that block again and replace its file.
+        allocation: how ``sparsity`` is spread over the layers (:mod:`lightning_prune.allocation`): ``"uniform"``
+            (default: every layer at ``sparsity``), ``"owl"``, ``"depth"`` or ``"error"``. Otherwise the layers no
+            override pins remove exactly ``round(sparsity · N)`` of their ``N`` weights together. Unstructured only.
+        granularity: ``"block"`` (default: one sparsity per decoder block) or ``"layer"`` (``"owl"``, ``"error"``).
+        owl_threshold, owl_lambda: OWL's M (default 5) and λ (default 0.08); ``"owl"`` only.
+        depth_slope: ``"depth"``'s β, sparsity added per block of depth (default 0.01); ``"depth"`` only.
+        min_sparsity, max_sparsity: bounds on every allocated layer's sparsity (default 0 and 0.95; non-uniform
+            allocations only; ``sparsity`` must lie within them). Overridden layers keep their override.
 
     The parsed forms are attributes too: :attr:`nm` (``(n, m)`` or None), :attr:`solver` (the solver's options
-    object, defaults filled in), :attr:`selection` and :attr:`calibration`.
+    object, defaults filled in), :attr:`selection`, :attr:`calibration` and :attr:`allocation_options`.
     """
 
     method: str = "alps"
@@ -89,11 +101,19 @@ class OneShotOptions:
     gram_dtype: str | torch.dtype = "float32"
     resume_dir: str | os.PathLike | None = None
     resume_invalid_blocks: str = "raise"
+    allocation: str = AllocationOptions.allocation
+    granularity: str = AllocationOptions.granularity
+    owl_threshold: float = AllocationOptions.owl_threshold
+    owl_lambda: float = AllocationOptions.owl_lambda
+    depth_slope: float = AllocationOptions.depth_slope
+    min_sparsity: float = AllocationOptions.min_sparsity
+    max_sparsity: float = AllocationOptions.max_sparsity
 
     nm: NM | None = field(init=False, repr=False)
     solver: SolverOptions = field(init=False, repr=False)
     selection: LayerSelection = field(init=False, repr=False)
     calibration: CalibrationOptions = field(init=False, repr=False)
+    allocation_options: AllocationOptions = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -137,6 +157,23 @@ class OneShotOptions:
             )
         selection = LayerSelection(self.targets, self.ignore, self.true_sequential, self.sequential_targets)
         calibration = CalibrationOptions(self.offload, self.gram_dtype)
+        allocation = AllocationOptions(
+            self.allocation,
+            self.granularity,
+            self.owl_threshold,
+            self.owl_lambda,
+            self.depth_slope,
+            self.min_sparsity,
+            self.max_sparsity,
+        )
+        if not allocation.uniform:
+            if nm is not None:
+                raise ValueError(
+                    f"allocation={self.allocation!r} needs unstructured pruning: mask_structure="
+                    f"{self.mask_structure!r} fixes every layer's density ({nm[0]} kept of {nm[1]}); use "
+                    "allocation='uniform'"
+                )
+            allocation.check_target(sparsity)
         normalised = {
             "sparsity": sparsity,
             "mask_structure": UNSTRUCTURED if nm is None else f"{nm[0]}:{nm[1]}",
@@ -150,31 +187,57 @@ class OneShotOptions:
             "solver": solver,
             "selection": selection,
             "calibration": calibration,
+            "allocation_options": allocation,
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
+
+    def override(self, name: str) -> float | None:
+        """The sparsity the first ``sparsity_overrides`` pattern matching layer ``name`` pins it to, else None."""
+        return next((value for pattern, value in self.sparsity_overrides.items() if matches(name, None, pattern)), None)
 
     def layer_sparsity(self, name: str) -> float | None:
         """The sparsity of layer ``name``: the first matching override, else :attr:`sparsity` (None with N:M)."""
         if self.nm is not None:
             return None
-        return next(
-            (value for pattern, value in self.sparsity_overrides.items() if matches(name, None, pattern)), self.sparsity
-        )
+        pinned = self.override(name)
+        return self.sparsity if pinned is None else pinned
 
-    def solve(self, name: str, weight: torch.Tensor, gram: torch.Tensor, tokens: int) -> PruneResult:
-        """Prune one layer (the driver's :data:`~lightning_prune.sequential.Solve`)."""
-        return METHODS[self.method].solve(weight, gram, self.layer_sparsity(name), self.nm, self.solver)
+    def solve(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        gram: torch.Tensor,
+        tokens: int,
+        sparsities: Mapping[str, float] | None = None,
+    ) -> PruneResult:
+        """Prune one layer (the driver's :data:`~lightning_prune.sequential.Solve`) at ``sparsities[name]`` when
+        given (an allocation's plan), else at :meth:`layer_sparsity`."""
+        sparsity = self.layer_sparsity(name) if sparsities is None else sparsities[name]
+        return METHODS[self.method].solve(weight, gram, sparsity, self.nm, self.solver)
 
     def solve_together(
-        self, names: Sequence[str], weights: Mapping[str, torch.Tensor], gram: torch.Tensor, tokens: int
+        self,
+        names: Sequence[str],
+        weights: Mapping[str, torch.Tensor],
+        gram: torch.Tensor,
+        tokens: int,
+        sparsities: Mapping[str, float] | None = None,
     ) -> dict[str, PruneResult]:
         """Prune layers that read the same input with the method's joint solve (the driver's
-        :data:`~lightning_prune.sequential.SolveShared`), each at its own sparsity."""
+        :data:`~lightning_prune.sequential.SolveShared`), each at its own sparsity, chosen as by :meth:`solve`."""
+        sparsity = self.layer_sparsity if sparsities is None else sparsities.__getitem__
         solve_shared = METHODS[self.method].solve_shared
-        sparsities = [self.layer_sparsity(name) for name in names]
-        results = solve_shared([weights[name] for name in names], gram, sparsities, self.nm, self.solver)
+        results = solve_shared(
+            [weights[name] for name in names], gram, [sparsity(n) for n in names], self.nm, self.solver
+        )
         return dict(zip(names, results, strict=True))
+
+    def solvers(self, sparsities: Mapping[str, float] | None = None) -> tuple[Solve, SolveShared | None]:
+        """The driver's ``(solve, solve_shared)``: :meth:`solve` and :meth:`solve_together` (None when the method
+        has no joint solve), every layer at ``sparsities[name]`` when given, else at :meth:`layer_sparsity`."""
+        together = partial(self.solve_together, sparsities=sparsities)
+        return partial(self.solve, sparsities=sparsities), together if METHODS[self.method].solve_shared else None
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready record of the options (the solver's complete, with defaults), for metadata and resume."""
@@ -193,6 +256,7 @@ class OneShotOptions:
             "sequential_targets": self.sequential_targets,
             "solver_options": solver,
             "gram_dtype": self.gram_dtype,
+            **self.allocation_options.as_dict(),
         }
 
 
@@ -220,7 +284,8 @@ def oneshot(
             process calling this function with the same batches (see
             :func:`~lightning_prune.sequential.prune_model`; needed for DeepSpeed ZeRO-3 with several processes).
             With ``resume_dir``, rank 0 reads and writes it (a directory on rank 0's file system) and the others
-            receive the finished blocks from it. Default False.
+            receive each finished block from it, tensor by tensor, when the driver reaches it. With NCCL, each
+            process's model must be on its own GPU (tensors travel through the model's device). Default False.
         **options: the other fields of :class:`OneShotOptions`: ``targets``, ``ignore``, ``sparsity_overrides``,
             ``true_sequential``, ``sequential_targets``, ``solver_options``, ``offload``, ``gram_dtype``,
             ``resume_dir``, ``resume_invalid_blocks``.
@@ -253,12 +318,18 @@ def prune_oneshot(
     """:func:`oneshot` with its options already built (and checked) as a :class:`OneShotOptions`."""
     if not isinstance(options, OneShotOptions):
         raise ValueError(f"options must be a OneShotOptions, got {type(options).__name__}")
-    processes = processes_for(distributed)
+    processes = processes_for(distributed, device_of(model))
+    sparsities = None
+    if not options.allocation_options.uniform:
+        batches = list(batches)
+        sparsities = _plan_sparsities(model, batches, options, processes)
     directory: PruningProgress | None = None  # rank 0's (or the only process's) resume directory
     resume = None
     if options.resume_dir is not None:
         batches = list(batches)
         settings = {**options.settings(), "calibration": fingerprint(batches), "model": _model_identity(model)}
+        if sparsities is not None:
+            settings["sparsities"] = sparsities
 
         def open_directory() -> None:
             nonlocal directory
@@ -269,12 +340,13 @@ def prune_oneshot(
         else:
             open_directory()
         resume = ResumeBlocks(directory, model, processes)
+    solve, solve_shared = options.solvers(sparsities)
     try:
         return prune_model(
             model,
             batches,
-            options.solve,
-            solve_shared=options.solve_together if METHODS[options.method].solve_shared is not None else None,
+            solve,
+            solve_shared=solve_shared,
             selection=options.selection,
             calibration=options.calibration,
             progress=progress,
@@ -284,6 +356,65 @@ def prune_oneshot(
     finally:
         if directory is not None:
             directory.close()
+
+
+def plan_sparsities(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+    options: OneShotOptions,
+    *,
+    distributed: bool = False,
+) -> dict[str, float]:
+    """The sparsity :func:`prune_oneshot` gives each selected layer of ``model`` under ``options``; nothing changes.
+
+    ``"uniform"`` (or an N:M pattern) gives each layer :meth:`OneShotOptions.layer_sparsity`. Other allocations
+    give the layers no ``sparsity_overrides`` pattern pins the sparsities of
+    :func:`~lightning_prune.allocation.allocate` (``"owl"`` and ``"error"`` after one dense pass over ``batches``,
+    :func:`~lightning_prune.sensitivity.measure_layers`), and the pinned ones their override.
+
+    Returns:
+        ``{layer name: sparsity}`` in pruning order (None values with N:M).
+    """
+    if not isinstance(options, OneShotOptions):
+        raise ValueError(f"options must be a OneShotOptions, got {type(options).__name__}")
+    processes = processes_for(distributed, device_of(model))
+    if options.allocation_options.uniform:
+        plan = options.selection.plan(model)
+        return {name: options.layer_sparsity(name) for groups in plan for group in groups for name in group}
+    return _plan_sparsities(model, batches, options, processes)
+
+
+def _plan_sparsities(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+    options: OneShotOptions,
+    processes: Processes | None,
+) -> dict[str, float]:
+    """:func:`plan_sparsities` for a non-uniform allocation (the same on every process: rank 0's is broadcast)."""
+    allocation = options.allocation_options
+    per_row = bool(getattr(options.solver, "per_row", False))
+    order: list[str] = []
+    layers: list[BudgetLayer] = []
+    pinned: dict[str, float] = {}
+    for block, groups in enumerate(options.selection.plan(model)):
+        for group in groups:
+            for name, module in group.items():
+                order.append(name)
+                if options.override(name) is not None:
+                    pinned[name] = options.override(name)
+                    continue
+                numel = full_shape(module.weight).numel()
+                layers.append(BudgetLayer(name, block, numel, numel // in_features(module) if per_row else 1))
+    statistics = None
+    if allocation.measured and layers:
+        free = LayerSelection(options.selection.targets, [*(options.selection.ignore or []), *pinned])
+        statistics = measure_layers(
+            model, batches, allocation, selection=free, calibration=options.calibration, processes=processes
+        )
+    planned = allocate(allocation, options.sparsity, layers, statistics)
+    if processes is not None:
+        planned = processes.broadcast_object(planned, 0)
+    return {name: pinned[name] if name in pinned else planned[name] for name in order}
 
 
 def _model_identity(model: torch.nn.Module) -> str:

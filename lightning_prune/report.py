@@ -50,6 +50,8 @@ def _describe(stage: Mapping[str, Any]) -> tuple[str, str]:
         return f"Structured pruning with FASP ({stage.get('score', 'wanda')}) at {amount}:", "group"
     pattern = stage.get("mask_structure", "0:0")
     amount = f"{stage.get('sparsity'):g} unstructured" if pattern in ("0:0", None) else f"{pattern} (n kept of m)"
+    if stage.get("allocation", "uniform") != "uniform":
+        amount += f", {stage['allocation']} allocation per {stage.get('granularity', 'block')}"
     return f"One-shot pruning with {stage.get('method')} at {amount}:", "layer"
 
 

@@ -12,9 +12,11 @@ Flow of :func:`prune_model`:
 Memory (peak, besides the model itself): one block's calibration activations (see :mod:`lightning_prune.calibration`);
 the grams of the layers being solved, ``Σ in² × 4`` bytes (× 8 with ``gram_dtype=torch.float64``; one gram per
 input: layers that read the same input share it) on the layers' device: all selected layers of one block, or one
-true-sequential group; in CPU memory, for rollback and the report, a copy of every pruned layer's original weight
-(under ZeRO-3: of this process's partition only) and its bool mask (one byte per weight), kept until
-:func:`prune_model` returns.
+true-sequential group, each freed once its layers are solved (with several processes, once the group is solved),
+and one solver's workspace; each result is written and dropped before the next solve. In CPU memory, for rollback
+and the report, a copy of every pruned layer's original weight (under ZeRO-3: of this process's partition only; with
+several processes and whole weights: on rank 0 only) and its mask, bit-packed (one bit per weight), kept until
+:func:`prune_model` returns. :mod:`lightning_prune.memory` estimates the peaks from a model's config.
 
 The model may be in any dtype and on any device (or spread over devices); the driver does not move the model.
 Decoder blocks may return a tensor (transformers 5 LLaMA) or a tuple whose first item is the hidden states.
@@ -25,7 +27,8 @@ refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +37,7 @@ from torch import nn
 
 from .architectures import LayerSelection, find_blocks
 from .calibration import (
+    CalibrationBatch,
     CalibrationOptions,
     calibration_mode,
     capture_block_inputs,
@@ -43,9 +47,11 @@ from .calibration import (
     propagate,
     shared_inputs,
 )
-from .distributed.parallel import Processes
+from .distributed.parallel import DistributedPruningError, Processes
 from .distributed.zero import any_partitioned, release_gathered
 from .gram import GramAccumulator
+from .masks import pack_mask, unpack_mask
+from .precision import full_precision
 from .solvers.result import PruneResult
 from .steps import PlannedStep, ProgressHook, announce, check_progress
 from .weights import Rollback, read_weights, write_weights
@@ -92,16 +98,21 @@ class LayerReport:
 
     Attributes:
         block_index: index of the decoder block holding the layer.
-        mask: bool ``[out, in]`` on the CPU, True where a weight is kept.
+        packed_mask: the mask, bit-packed on the CPU (:func:`lightning_prune.masks.pack_mask`).
         stats: the solver's diagnostics (``PruneResult.stats``: ``method``, ``rel_error``, ``sparsity``,
             ``seconds``, …).
         tokens: number of valid calibration tokens in the layer's gram.
     """
 
     block_index: int
-    mask: torch.Tensor
+    packed_mask: dict[str, Any]
     stats: dict[str, Any]
     tokens: int
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """bool ``[out, in]`` on the CPU, True where a weight is kept (unpacked on each access)."""
+        return unpack_mask(self.packed_mask)
 
 
 def prune_model(
@@ -170,8 +181,11 @@ def prune_model(
             valid token), NaN/Inf activations (naming the layer), or a bad solver result. Everything is validated
             before the first weight changes; if anything raises later (including inside ``solve`` or
             ``progress``), every weight already written is restored bit for bit and the error re-raised.
-        DistributedPruningError: with ``processes``, on every process when a solve failed on any of them,
-            naming the rank and its error (the weights are restored as for any error).
+        DistributedPruningError: with ``processes``, on every process when anything failed on any of them (a solve,
+            a calibration forward running out of memory, NaN activations, ``progress``, ``resume``), naming
+            the rank and its error; the weights are restored as for any error (whole weights from rank 0's copy).
+            Under ZeRO-3 a forward is itself collective: a process failing in the middle of one still leaves the
+            others waiting for its parameter gathers.
 
     The model's training flag and ``config.use_cache`` are restored on return; calibration runs in eval mode,
     under ``torch.no_grad()``, with ``use_cache=False``.
@@ -191,11 +205,12 @@ def prune_model(
         batches = processes.share(list(batches))
 
     storage = calibration.offload
-    rollback = Rollback()
+    rollback = Rollback(processes)
     reports: dict[str, LayerReport] = {}
     with calibration_mode(model):
         try:
-            inputs = capture_block_inputs(model, blocks[0], batches, storage)
+            with _agreed(processes, "capturing the first block's inputs"):
+                inputs = capture_block_inputs(model, blocks[0], batches, storage)
             announce(progress, _planned_steps(plan))
             for index in range(last + 1):
                 block = blocks[index]
@@ -206,51 +221,41 @@ def prune_model(
                     raise ValueError(
                         f"finished block {index} records layers {sorted(record)}, expected {sorted(layers)}"
                     )
-                written = {}
+                written: dict[str, torch.Tensor] = {}  # CPU copies of the new weights, for resume.save
                 for group in plan[index] if record is None else [layers]:
-                    for module in group.values():
-                        rollback.keep_weight(module)
                     if record is None:
-                        # the gram pass's outputs are discarded: stop each batch once the layers have their inputs
-                        # (not under ZeRO-3, whose parameter prefetching follows whole forward passes)
-                        grams = collect_grams(
-                            block,
-                            group,
-                            inputs,
-                            device,
-                            calibration.gram_dtype,
-                            stop_early=not any_partitioned(block),
-                            any_process=None if processes is None else processes.any_,
+                        solved = _solve_group(
+                            solve, solve_shared, block, group, inputs, device, calibration, processes, index, rollback
                         )
-                        if processes is not None:
-                            for names in shared_inputs(grams):
-                                gram = grams[names[0]]
-                                processes.sum_(gram.H)
-                                gram.tokens = processes.sum_int(gram.tokens)
-                        results = _solve_group(solve, solve_shared, read_weights(group), grams, processes, index)
                     else:
-                        results = {
-                            name: PruneResult(entry["weight"], entry["mask"], entry["stats"])
-                            for name, entry in record.items()
-                        }
-                    write_weights(group, {name: result.weight for name, result in results.items()})
-                    for name, result in results.items():
-                        tokens = record[name]["tokens"] if record is not None else grams[name].tokens
-                        written[name] = result.weight
-                        reports[name] = LayerReport(index, result.mask.detach().to("cpu"), dict(result.stats), tokens)
-                        if progress is not None:
-                            progress.step(name, index, len(blocks), result)
+                        solved = _recorded(record, group, rollback)
+                    for name, result, tokens in solved:  # one layer at a time: write it, report it, drop it
+                        with _agreed(processes, f"writing the layers of block {index}"):
+                            write_weights(group, {name: result.weight})
+                            reports[name] = LayerReport(index, pack_mask(result.mask), dict(result.stats), tokens)
+                            if record is None and resume is not None:
+                                written[name] = result.weight.detach().to("cpu", copy=True)
+                            if progress is not None:
+                                progress.step(name, index, len(blocks), result)
+                        del result
                 if record is None and resume is not None:
-                    resume.save(index, {name: _record(written[name], reports[name]) for name in layers})
+                    with _agreed(processes, f"saving block {index}"):
+                        resume.save(index, {name: _record(written.pop(name), reports[name]) for name in layers})
                 if index < last:
-                    propagate(inputs, block, device, storage)
-        except BaseException:
-            rollback.restore()
+                    with _agreed(processes, f"running block {index} to feed the next one"):
+                        propagate(inputs, block, device, storage)
+        except BaseException as error:
+            rollback.restore(together=isinstance(error, DistributedPruningError))
             raise
         finally:
             if any_partitioned(model):
                 release_gathered(blocks[: last + 1])  # memory back to the partitioned state
     return reports
+
+
+def _agreed(processes: Processes | None, doing: str) -> AbstractContextManager[None]:
+    """:meth:`Processes.agreeing` on ``doing`` with ``processes``; nothing alone."""
+    return nullcontext() if processes is None else processes.agreeing(doing)
 
 
 def _planned_steps(plan: list[list[dict[str, nn.Module]]]) -> list[PlannedStep]:
@@ -259,32 +264,79 @@ def _planned_steps(plan: list[list[dict[str, nn.Module]]]) -> list[PlannedStep]:
 
 
 def _record(weight: torch.Tensor, report: LayerReport) -> dict[str, Any]:
-    return {
-        "weight": weight.detach().to("cpu", copy=True),
-        "mask": report.mask,
-        "stats": report.stats,
-        "tokens": report.tokens,
-    }
+    return {"weight": weight, "mask": report.mask, "stats": report.stats, "tokens": report.tokens}
+
+
+def _recorded(
+    record: Mapping[str, Mapping[str, Any]], layers: Mapping[str, nn.Module], rollback: Rollback
+) -> Iterator[tuple[str, PruneResult, int]]:
+    """``(name, result, tokens)`` of each layer of a finished block, as recorded (each weight kept for rollback)."""
+    for module in layers.values():
+        rollback.keep_weight(module)
+    for name, entry in record.items():
+        yield name, PruneResult(entry["weight"], entry["mask"], entry["stats"]), entry["tokens"]
 
 
 def _solve_group(
     solve: Solve,
     solve_shared: SolveShared | None,
-    weights: Mapping[str, torch.Tensor],
-    grams: Mapping[str, GramAccumulator],
+    block: nn.Module,
+    layers: Mapping[str, nn.Module],
+    inputs: list[CalibrationBatch],
+    device: torch.device,
+    calibration: CalibrationOptions,
     processes: Processes | None,
     block_index: int,
-) -> dict[str, PruneResult]:
-    """``{name: result}`` for one group of layer problems, solved here or shared with ``processes``: layers that
-    read one input together by ``solve_shared`` when given, every other layer alone by ``solve``."""
-    tasks = shared_inputs(grams) if solve_shared is not None else [[name] for name in weights]
+    rollback: Rollback,
+) -> Iterator[tuple[str, PruneResult, int]]:
+    """``(name, result, tokens)`` of each layer of one group of independent layer problems of ``block``.
+
+    Keeps each weight for rollback, collects the group's grams (one per input: layers that read the same input share
+    it; summed over ``processes``), then solves here one task at a time, layers that read one input together by
+    ``solve_shared`` when given, every other layer alone by ``solve``, each gram freed once its layers are solved
+    (the caller writes each result before the next solve), or shares the tasks with ``processes`` (every result
+    then arrives at once). Nothing of the group outlives the iteration: the next group's grams are collected with
+    this group's grams and results freed.
+    """
+    with _agreed(processes, f"collecting the grams of block {block_index}"):
+        for module in layers.values():
+            rollback.keep_weight(module)
+        # the gram pass's outputs are discarded: stop each batch once the layers have their inputs (not under
+        # ZeRO-3, whose parameter prefetching follows whole forward passes)
+        grams = collect_grams(
+            block,
+            dict(layers),
+            inputs,
+            device,
+            calibration.gram_dtype,
+            stop_early=not any_partitioned(block),
+            any_process=None if processes is None else processes.any_,
+        )
+    tasks = shared_inputs(grams) if solve_shared is not None else [[name] for name in grams]
+    if processes is not None:
+        for names in tasks:
+            gram = grams[names[0]]
+            processes.sum_(gram.H)
+            gram.tokens = processes.sum_int(gram.tokens)
+    tokens = {name: gram.tokens for name, gram in grams.items()}
+    weights = read_weights(layers)
 
     def solve_task(names: Sequence[str]) -> dict[str, PruneResult]:
-        return _solve_layers(solve, solve_shared, {name: weights[name] for name in names}, grams[names[0]])
+        gram = grams[names[0]]
+        for name in names:
+            del grams[name]
+        return _solve_layers(solve, solve_shared, {name: weights[name] for name in names}, gram)
 
     if processes is None:
-        return {name: result for names in tasks for name, result in solve_task(names).items()}
-    return processes.solve_shared(weights, solve_task, tasks, f"solving the layers of block {block_index}")
+        for names in tasks:
+            results = solve_task(names)
+            for name in names:
+                yield name, results.pop(name), tokens[name]
+        return
+    results = processes.solve_shared(weights, solve_task, tasks, f"solving the layers of block {block_index}")
+    grams.clear()
+    for name in list(results):
+        yield name, results.pop(name), tokens[name]
 
 
 def _solve_layers(
@@ -295,14 +347,15 @@ def _solve_layers(
     names = list(weights)
     if gram.tokens == 0:
         raise ValueError(f"layer {names[0]} received no calibration token: the block's forward never calls it")
-    if len(names) == 1:
-        results = {names[0]: solve(names[0], weights[names[0]], gram.H, gram.tokens)}
-    else:
-        shared = solve_shared(names, weights, gram.H, gram.tokens)
-        if not isinstance(shared, Mapping) or set(shared) != set(names):
-            got = sorted(shared) if isinstance(shared, Mapping) else type(shared).__name__
-            raise ValueError(f"solve_shared must return {{name: PruneResult}} for the layers {names}, got {got}")
-        results = {name: shared[name] for name in names}
+    with full_precision(weights[names[0]].device):
+        if len(names) == 1:
+            results = {names[0]: solve(names[0], weights[names[0]], gram.H, gram.tokens)}
+        else:
+            shared = solve_shared(names, weights, gram.H, gram.tokens)
+            if not isinstance(shared, Mapping) or set(shared) != set(names):
+                got = sorted(shared) if isinstance(shared, Mapping) else type(shared).__name__
+                raise ValueError(f"solve_shared must return {{name: PruneResult}} for the layers {names}, got {got}")
+            results = {name: shared[name] for name in names}
     for name, result in results.items():
         _check_result(name, weights[name], result)
     return results

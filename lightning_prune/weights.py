@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .architectures import out_in_view, set_weight, weight_view
+from .distributed.parallel import Processes
 from .distributed.zero import gathered, is_partitioned, restore_local, save_local, write_master
 
 
@@ -59,24 +60,58 @@ class Rollback:
         except BaseException:
             rollback.restore()
             raise
+
+    Args:
+        processes: the processes pruning together, if any. Whole (not partitioned) weights are then the same on
+            every process (DDP), so only rank 0 keeps a copy, and :meth:`restore` broadcasts it: one copy of the
+            original weights in host memory instead of one per process. ZeRO-3 partitions differ between processes,
+            and each keeps its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, processes: Processes | None = None) -> None:
         self._steps: list[Callable[[], None]] = []
+        self._processes = processes
+        self._together = True
 
     def add(self, step: Callable[[], None]) -> None:
         """Register a step that undoes one change (e.g. puts a replaced module back)."""
         self._steps.append(step)
 
     def keep_weight(self, module: nn.Module) -> None:
-        """Copy ``module``'s weight to the CPU now, to be written back by :meth:`restore`."""
-        self.add(partial(_restore, module, _save(module)))
+        """Copy ``module``'s weight to the CPU now, to be written back by :meth:`restore` (with ``processes`` and a
+        whole weight, on rank 0 only)."""
+        saved: list[Any] = []  # registered first: every process has the same steps even if a copy fails
+        self.add(partial(self._restore_weight, module, saved))
+        if is_partitioned(module.weight) or self._processes is None or self._processes.rank == 0:
+            saved.append(_save(module))
 
-    def restore(self) -> None:
-        """Run every registered step, last first, then forget them."""
+    def restore(self, together: bool = True) -> None:
+        """Run every registered step, last first, then forget them.
+
+        Args:
+            together: with ``processes``, whether every process restores at this point (after an error they all
+                raise, a :class:`~lightning_prune.distributed.DistributedPruningError`): rank 0 then broadcasts the
+                whole weights it kept. Otherwise (an interrupt on one process) each process restores what it holds:
+                ranks > 0 keep their written whole weights.
+        """
+        self._together = together
         for step in reversed(self._steps):
             step()
         self._steps.clear()
+
+    def _restore_weight(self, module: nn.Module, kept: list[Any]) -> None:
+        """Write back the copy in ``kept`` (empty: none was made here, or making it failed before any change)."""
+        saved = kept[0] if kept else None
+        if is_partitioned(module.weight):
+            if saved is not None:
+                restore_local(module.weight, saved)
+            return
+        if self._processes is not None and self._together:
+            current = weight_view(module).detach()
+            sent = current if saved is None else saved  # rank 0 without a copy: the weight was never changed
+            saved = self._processes.broadcast_tensor(sent, 0, current.shape, current.dtype, "cpu")
+        if saved is not None:  # through write_weights, so a DeepSpeed ZeRO-1/2 master copy is restored too
+            write_weights({"": module}, {"": saved})
 
 
 def _save(module: nn.Module) -> Any:
@@ -85,10 +120,3 @@ def _save(module: nn.Module) -> Any:
     if is_partitioned(module.weight):
         return save_local(module.weight)
     return weight_view(module).detach().to("cpu", copy=True)
-
-
-def _restore(module: nn.Module, saved: Any) -> None:
-    if is_partitioned(module.weight):
-        restore_local(module.weight, saved)
-    else:  # through write_weights, so a DeepSpeed ZeRO-1/2 master copy is restored too
-        write_weights({"": module}, {"": saved})

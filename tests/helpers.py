@@ -116,3 +116,72 @@ class RecordedSteps:
         self.steps.append((name, block_index, n_blocks, result))
         if self.on_step is not None:
             self.on_step(name, block_index, n_blocks, result)
+
+
+def quiet_trainer(root: str | Path, callbacks: list, **options):
+    """A ``Trainer`` for prune-only fits in tests (``max_steps=0``; no logger, checkpoints, progress bar, summary or
+    validation), writing under ``root``; ``options`` override or add ``Trainer`` arguments."""
+    from lightning.pytorch import Trainer
+
+    defaults = dict(
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+    return Trainer(callbacks=callbacks, **{**defaults, **options})
+
+
+def tiny_model_and_data(directory: str | Path):
+    """``(model directory, TextDataModule)``: :func:`make_tiny_causal_lm` under ``directory`` and 8 calibration windows
+    of 16 tokens in batches of 4 from a text of its words."""
+    from lightning_prune.data import TextDataModule
+
+    directory = Path(directory)
+    model_dir = make_tiny_causal_lm(directory / "model")
+    (directory / "train.txt").write_text("\n".join(make_documents(20, 30, seed=1)))
+    data = TextDataModule(
+        str(model_dir), train_files=str(directory / "train.txt"), seq_len=16, batch_size=4, calibration_samples=8
+    )
+    return model_dir, data
+
+
+def assert_exact_pattern(mask: torch.Tensor, sparsity: float | None = None, nm=None, per_row: bool = False) -> None:
+    """Assert that the bool ``mask [out, in]`` (True = kept) follows the pattern, with counts worked out here from the
+    documented semantics rather than by the library's own ``kept_count`` (so an off-by-one there cannot hide):
+
+    * ``sparsity`` over the layer: exactly ``out·in − round(s·out·in)`` entries kept;
+    * ``sparsity`` with ``per_row``: exactly ``in − round(s·in)`` kept in every row;
+    * ``nm=(n, m)``: exactly n kept in every group of m consecutive inputs of each row.
+    """
+    assert mask.dtype == torch.bool and mask.dim() == 2, (mask.dtype, tuple(mask.shape))
+    out_features, in_features = mask.shape
+    if nm is not None:
+        n, m = nm
+        groups = mask.reshape(out_features, in_features // m, m).sum(dim=2)
+        assert bool((groups == n).all()), (
+            f"a group of {m} keeps other than {n}: {sorted(set(groups.flatten().tolist()))}"
+        )
+    elif per_row:
+        expected = in_features - round(sparsity * in_features)
+        rows = mask.sum(dim=1)
+        assert bool((rows == expected).all()), f"rows keep {sorted(set(rows.tolist()))}, expected {expected} each"
+    else:
+        expected = out_features * in_features - round(sparsity * out_features * in_features)
+        kept = int(torch.count_nonzero(mask))
+        assert kept == expected, f"mask keeps {kept} of {out_features}x{in_features}, expected {expected}"
+
+
+def assert_same_tensors(actual, expected) -> None:
+    """Assert that two ``{name: tensor}`` mappings (state dicts, named parameters) have exactly the same keys and
+    bit-identical tensors (a missing or extra key fails, unlike comparing with ``zip``)."""
+    actual, expected = dict(actual), dict(expected)
+    assert set(actual) == set(expected), (
+        f"missing {sorted(set(expected) - set(actual))}, extra {sorted(set(actual) - set(expected))}"
+    )
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name

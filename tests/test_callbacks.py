@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from helpers import make_documents, make_tiny_causal_lm
-from lightning.pytorch import Callback, Trainer
+from helpers import assert_exact_pattern, assert_same_tensors, make_documents, make_tiny_causal_lm, quiet_trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
@@ -24,7 +24,6 @@ from lightning_prune.callbacks import oneshot as oneshot_callbacks
 from lightning_prune.data import TextDataModule
 from lightning_prune.export import load_sparsity_metadata
 from lightning_prune.module import CausalLMModule
-from lightning_prune.solvers import check_mask
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYERS = [
@@ -62,18 +61,7 @@ def datamodule(model_dir, text_files, tmp_path):
 
 
 def trainer(tmp_path, callbacks, max_steps=0, **kwargs):
-    options = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return Trainer(max_steps=max_steps, callbacks=callbacks, **options)
+    return quiet_trainer(tmp_path, callbacks, accelerator="cpu", max_steps=max_steps, **kwargs)
 
 
 def linear_modules(module):
@@ -171,7 +159,7 @@ def test_each_method_prunes_every_block_linear_before_the_first_training_step(
     assert sorted(callback.masks) == sorted(LAYERS)
     nm = (2, 4) if callback.options.mask_structure == "2:4" else None
     for name, mask in callback.masks.items():
-        check_mask(mask, None if nm else 0.5, nm=nm)
+        assert_exact_pattern(mask, None if nm else 0.5, nm=nm)
         assert int((~mask).sum()) == mask.numel() // 2
         assert torch.equal(probe.zeros[name], ~mask), name  # pruned zeros were in place at the first step
     assert torch.equal(probe.untouched["embed"], original.model.embed_tokens.weight)
@@ -216,7 +204,7 @@ def test_no_second_prune_on_refit_restored_state_or_resumed_checkpoint(tmp_path,
     trainer(tmp_path, [restored]).fit(module, datamodule=datamodule)
     assert oneshot_calls == ["wanda"]
     assert restored.pruned and restored.metadata == pruning.metadata and restored.masks == {}
-    assert all(torch.equal(m.weight, weights[name]) for name, m in linear_modules(module).items())
+    assert_same_tensors({name: m.weight for name, m in linear_modules(module).items()}, weights)
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = SparseGPTPruningCallback(0.5)
@@ -230,14 +218,17 @@ def test_no_second_prune_on_refit_restored_state_or_resumed_checkpoint(tmp_path,
     assert resumed.pruned and resumed.metadata["summary"] == first.metadata["summary"]
 
 
-def test_resume_dir_restores_finished_blocks_of_an_interrupted_pruning(tmp_path, model_dir, datamodule):
+def test_resume_dir_restores_finished_blocks_of_an_interrupted_pruning(tmp_path, model_dir, datamodule, solved):
     first, restored = CausalLMModule(model_dir), CausalLMModule(model_dir)
     blocks = str(tmp_path / "blocks")
     kept = SparseGPTPruningCallback(0.5, resume_dir=blocks, keep_resume_dir=True)
     trainer(tmp_path, [kept]).fit(first, datamodule=datamodule)
+    assert solved == LAYERS
+    solved.clear()
     finished = sorted(os.listdir(blocks))
     pruning = SparseGPTPruningCallback(0.5, resume_dir=blocks)
     trainer(tmp_path, [pruning]).fit(restored, datamodule=datamodule)
+    assert solved == []  # every block restored from the directory, none solved again
     assert sorted(pruning.masks) == sorted(LAYERS) and finished
     for name, module in linear_modules(restored).items():
         assert torch.equal(module.weight, linear_modules(first)[name].weight), name
@@ -318,6 +309,57 @@ def test_calibration_falls_back_to_the_train_dataloader_limited_to_num_calibrati
     ],
 )
 def test_bad_arguments_raise_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_allocation_reaches_loggers_summary_and_sparsity_json_and_the_mask_holds(
+    tmp_path, model_dir, datamodule, caplog
+):
+    from lightning_prune.callbacks.mask import SparsityMaskCallback
+
+    pruning = SparseGPTPruningCallback(0.7, allocation="depth", depth_slope=0.1, sparsity_overrides={"k_proj": 0.5})
+    logger, probe = RecordingLogger(), SparsityProbe()
+    export = ExportPrunedModelCallback(str(tmp_path / "export"))
+    module = CausalLMModule(model_dir, learning_rate=1e-2)
+    with caplog.at_level(logging.INFO):
+        run = trainer(tmp_path, [pruning, SparsityMaskCallback(), probe, export], max_steps=3, logger=logger)
+        run.fit(module, datamodule=datamodule)
+    layers = pruning.metadata["layers"]
+    free = [name for name in LAYERS if not name.endswith("k_proj")]
+    removed = sum(int((~pruning.masks[name]).sum()) for name in free)
+    total = sum(pruning.masks[name].numel() for name in free)
+    assert removed == round(0.7 * total)
+    assert all(layers[name]["sparsity"] == 0.5 for name in LAYERS if name.endswith("k_proj"))
+    assert layers["model.layers.0.mlp.up_proj"]["sparsity"] < layers["model.layers.1.mlp.up_proj"]["sparsity"]
+    summary = pruning.metadata["summary"]
+    assert summary["allocated_sparsity"] == removed / total
+    assert list(summary["block_sparsity"]) == [0, 1] and summary["min_layer_sparsity"] == 0.5
+    metrics = logger.metrics
+    assert metrics["prune/allocated_sparsity"] == removed / total
+    assert metrics["prune/model.layers.1.mlp.up_proj/sparsity"] == layers["model.layers.1.mlp.up_proj"]["sparsity"]
+    assert "depth per block (β=0.1 per block)" in caplog.text
+    metadata = load_sparsity_metadata(tmp_path / "export")["metadata"]
+    assert metadata["allocation"] == "depth" and metadata["depth_slope"] == 0.1
+    assert metadata["summary"]["block_sparsity"] == {
+        "0": summary["block_sparsity"][0],
+        "1": summary["block_sparsity"][1],
+    }
+    for name, module_ in linear_modules(module).items():  # pruned zeros stayed through the training steps
+        assert bool((module_.weight[~pruning.masks[name]] == 0).all()), name
+    assert run.global_step == 3
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: ALPSPruningCallback(0.7, allocation="best"), "allocation must be one of"),
+        (lambda: SparseGPTPruningCallback(mask_structure="2:4", allocation="owl"), "needs unstructured pruning"),
+        (lambda: WandaPruningCallback(0.7, allocation="owl", owl_lambda=-1.0), "owl_lambda"),
+        (lambda: WandaPruningCallback(0.7, allocation="owl", max_sparsity=1.5), "max_sparsity must be in"),
+    ],
+)
+def test_bad_allocation_arguments_raise_at_construction(make, message):
     with pytest.raises(ValueError, match=message):
         make()
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_documents, make_tiny_causal_lm
-from lightning.pytorch import Callback, Trainer
+from helpers import make_documents, make_tiny_causal_lm, quiet_trainer
+from lightning.pytorch import Callback
 from transformers import AutoModelForCausalLM
 
 from lightning_prune.callbacks import ExportPrunedModelCallback, FASPPruningCallback
@@ -41,18 +41,7 @@ def datamodule(model_dir, tmp_path):
 
 
 def fit(tmp_path, module, datamodule, callbacks, max_steps=0):
-    Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        callbacks=callbacks,
-    ).fit(module, datamodule=datamodule)
+    quiet_trainer(tmp_path, callbacks, accelerator="cpu", max_steps=max_steps).fit(module, datamodule=datamodule)
 
 
 def test_prune_only_fit_slims_exports_and_reloads(tmp_path, model_dir, datamodule, caplog):
@@ -67,7 +56,7 @@ def test_prune_only_fit_slims_exports_and_reloads(tmp_path, model_dir, datamodul
     assert summary["removed_fraction"] >= 0.25 and summary["groups"] == len(pruning.metadata["layers"])
     assert summary["parameters_after"] == sum(p.numel() for p in model.parameters())
     assert summary["perplexity_after"] > 1 and "Structured pruning with FASP" in caplog.text
-    assert "error allocation, widths in multiples of 8" in caplog.text and "restored towards the dense" in caplog.text
+    assert "uniform allocation, widths in multiples of 8" in caplog.text and "restored towards the layer" in caplog.text
     assert (
         set(summary["widths"])
         == set(summary["ratios"])
@@ -84,7 +73,7 @@ def test_prune_only_fit_slims_exports_and_reloads(tmp_path, model_dir, datamodul
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     metadata = load_sparsity_metadata(tmp_path / "export")["metadata"]
     assert metadata["method"] == "fasp" and metadata["target_fraction"] == 0.25
-    assert metadata["layers"]["model.layers.0.mlp"]["width_after"] < 64
+    assert metadata["layers"]["model.layers.0.mlp"]["width_after"] < 128
 
 
 class OptimizerProbe(Callback):
@@ -104,8 +93,8 @@ def test_prune_then_finetune_rebuilds_the_optimizer_for_the_slimmed_layers(tmp_p
     probe = OptimizerProbe()
     fit(tmp_path, module, datamodule, [FASPPruningCallback(group_ratios={"mlp": 0.5}), probe], max_steps=2)
     down = module.model.model.layers[0].mlp.down_proj
-    assert probe.matches and down.in_features == 32
-    assert module.model.config.model_type == "llama" and module.model.config.intermediate_size == 32
+    assert probe.matches and down.in_features == 64
+    assert module.model.config.model_type == "llama" and module.model.config.intermediate_size == 64
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_documents, make_tiny_causal_lm
+from helpers import assert_same_tensors, make_documents, make_tiny_causal_lm
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
@@ -97,8 +97,7 @@ def test_fit_logs_loss_and_perplexity_of_the_validation_set(tmp_path, model_dir)
     fit.save_checkpoint(tmp_path / "last.ckpt")
     restored = CausalLMModule.load_from_checkpoint(tmp_path / "last.ckpt")  # calls configure_model, then loads
     assert restored.hparams.learning_rate == 1e-3
-    for (name, a), (_, b) in zip(module.model.state_dict().items(), restored.model.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_tensors(restored.model.state_dict(), module.model.state_dict())
 
 
 def test_validation_is_token_weighted_across_batches(model_dir):

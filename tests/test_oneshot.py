@@ -1,11 +1,11 @@
-"""The functional entry point: method and pattern plumbing, per-layer overrides, checks before any change."""
+"""The functional entry point: method and pattern plumbing, per-layer overrides, checks before any change, resume."""
 
 import pytest
 import torch
-from helpers import RecordedSteps
+from helpers import RecordedSteps, assert_exact_pattern, assert_same_tensors
 
 from lightning_prune import oneshot
-from lightning_prune.solvers import check_mask
+from lightning_prune.progress import PruningProgress
 
 
 def weights(model):
@@ -20,7 +20,7 @@ def test_every_method_prunes_every_block_linear(tiny_model, calibration_batches,
     assert len(reports) == 2 * 7
     modules = dict(model.named_modules())
     for name, report in reports.items():
-        check_mask(report.mask, 0.6)
+        assert_exact_pattern(report.mask, 0.6)
         assert bool((modules[name].weight[~report.mask] == 0).all())
         assert report.stats["method"] == method
 
@@ -29,7 +29,7 @@ def test_mask_structure_and_overrides(tiny_model, calibration_batches):
     model = tiny_model("qwen2")
     reports = oneshot(model, calibration_batches(), "sparsegpt", mask_structure="2:4")
     for report in reports.values():
-        check_mask(report.mask, nm=(2, 4))
+        assert_exact_pattern(report.mask, nm=(2, 4))
     model = tiny_model("llama")
     reports = oneshot(
         model,
@@ -65,12 +65,22 @@ def test_bad_arguments_raise_before_any_change(tiny_model, calibration_batches, 
     before = weights(model)
     with pytest.raises(ValueError, match=message):
         oneshot(model, calibration_batches(), **kwargs)
-    after = weights(model)
-    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert_same_tensors(weights(model), before)
 
 
 class Interrupt(Exception):
     pass
+
+
+def crash_in_block(crash_block):
+    """A progress hook that raises ``Interrupt`` when the first layer of block ``crash_block`` has been solved, as a
+    crash or a requeue would: blocks before it are finished and saved, that one is not."""
+
+    def crash(name, block_index, n_blocks, result):
+        if block_index == crash_block:
+            raise Interrupt
+
+    return RecordedSteps(crash)
 
 
 @pytest.mark.parametrize("method", ["alps", "sparsegpt"])
@@ -80,30 +90,64 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path, tiny
 
     model = tiny_model("llama")
     dense = weights(model)
-
-    def crash_in_block_1(name, block_index, n_blocks, result):
-        if block_index == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        oneshot(
-            model,
-            calibration_batches(),
-            method,
-            0.7,
-            resume_dir=tmp_path / "run",
-            progress=RecordedSteps(crash_in_block_1),
-        )
-    assert all(torch.equal(dense[name], p) for name, p in model.named_parameters())  # rolled back
+        oneshot(model, calibration_batches(), method, 0.7, resume_dir=tmp_path / "run", progress=crash_in_block(1))
+    assert_same_tensors(weights(model), dense)  # rolled back
     assert sorted(p.name for p in (tmp_path / "run").glob("block_*.pt")) == ["block_00000.pt"]
 
     steps = RecordedSteps()
     reports = oneshot(model, calibration_batches(), method, 0.7, resume_dir=tmp_path / "run", progress=steps)
-    assert len(reports) == 14 and steps.total == 14 and {block for _, block, _, _ in steps.steps} == {0, 1}
-    for (name, expected), (_, actual) in zip(reference.named_parameters(), model.named_parameters()):
-        assert torch.equal(expected, actual), name
+    assert len(reports) == 14 and steps.total == 14 and len(steps.steps) == 14
+    assert_same_tensors(weights(model), weights(reference))
     for report in reports.values():
-        check_mask(report.mask, 0.7)
+        assert_exact_pattern(report.mask, 0.7)
+
+
+@pytest.mark.parametrize("crash_block", [1, 2])
+def test_a_rerun_solves_exactly_the_blocks_after_the_saved_ones(
+    tmp_path, tiny_model, calibration_batches, solved, crash_block
+):
+    run, crash = tmp_path / "run", crash_in_block(crash_block)
+    with pytest.raises(Interrupt):
+        oneshot(tiny_model("llama", blocks=3), calibration_batches(), "wanda", 0.5, resume_dir=run, progress=crash)
+    assert sorted(p.name for p in run.glob("block_*.pt")) == [f"block_{i:05d}.pt" for i in range(crash_block)]
+
+    solved.clear()
+    reports = oneshot(tiny_model("llama", blocks=3), calibration_batches(), "wanda", 0.5, resume_dir=run)
+    assert len(reports) == 3 * 7
+    assert solved == [name for name, report in reports.items() if report.block_index >= crash_block]
+
+    solved.clear()  # every block saved now: a third run solves nothing and ends with the same weights
+    model = tiny_model("llama", blocks=3)
+    again = oneshot(model, calibration_batches(), "wanda", 0.5, resume_dir=run)
+    assert solved == [] and list(again) == list(reports)
+    for name, report in reports.items():
+        assert torch.equal(again[name].mask, report.mask) and again[name].stats == report.stats, name
+
+
+def test_a_rerun_takes_saved_blocks_as_recorded(tmp_path, tiny_model, calibration_batches):
+    """Saved blocks are restored, not solved again: a marker put into saved block 0 comes back in the result.
+
+    The marker is written through the progress module's own API (open the directory with the settings it stores,
+    load block 0, save it again with one layer changed: checksum and model fingerprint stay valid)."""
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        oneshot(
+            tiny_model("llama"), calibration_batches(), "sparsegpt", 0.5, resume_dir=run, progress=crash_in_block(1)
+        )
+    layer = "model.layers.0.mlp.down_proj"
+    with PruningProgress(run) as progress:  # settings None: the stored ones
+        record = progress.load_block(0)
+        marked = record[layer]["weight"].clone()
+        marked[tuple(torch.nonzero(record[layer]["mask"])[0])] = 0.375  # a kept entry no solver would produce
+        record[layer] = {**record[layer], "weight": marked, "stats": {**record[layer]["stats"], "marker": "saved"}}
+        progress.save_block(0, record)
+
+    model = tiny_model("llama")
+    reports = oneshot(model, calibration_batches(), "sparsegpt", 0.5, resume_dir=run)
+    assert torch.equal(model.get_submodule(layer).weight, marked)
+    assert reports[layer].stats["marker"] == "saved" and torch.equal(reports[layer].mask, record[layer]["mask"])
+    assert all("marker" not in report.stats for name, report in reports.items() if name != layer)
 
 
 def test_resume_with_other_settings_raises(tmp_path, tiny_model, calibration_batches):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import assert_same_tensors
 from lightning.pytorch import Trainer
 
 from lightning_prune import oneshot
@@ -37,7 +38,7 @@ def test_distributed_needs_an_initialized_process_group(tiny_model, calibration_
         oneshot(model, calibration_batches(), "wanda", 0.5, distributed=True)
     with pytest.raises(ValueError, match="distributed must be True or False"):
         oneshot(model, calibration_batches(), "wanda", 0.5, distributed="yes")
-    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    assert_same_tensors(model.state_dict(), before)
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def one_process_group(tmp_path):
 
 
 def test_one_process_group_prunes_like_no_group_and_agrees_on_errors(
-    one_process_group, tiny_model, calibration_batches, tmp_path
+    one_process_group, tiny_model, calibration_batches, tmp_path, solved
 ):
     alone, grouped = tiny_model("llama"), tiny_model("llama")
     expected = oneshot(alone, calibration_batches(), "alps", 0.6)
@@ -57,9 +58,15 @@ def test_one_process_group_prunes_like_no_group_and_agrees_on_errors(
     for name, report in reports.items():
         assert torch.equal(report.mask, expected[name].mask) and report.tokens == expected[name].tokens
         assert report.stats["rank"] == 0 and "rank" not in expected[name].stats
-    for name, value in alone.state_dict().items():
-        assert torch.equal(grouped.state_dict()[name], value), name
+    assert_same_tensors(grouped.state_dict(), alone.state_dict())
     assert sorted(path.name for path in (tmp_path / "p").iterdir())[:2] == ["block_00000.pt", "block_00001.pt"]
+
+    solved.clear()  # a rerun receives every block from rank 0's directory and solves none
+    rerun = tiny_model("llama")
+    restored = oneshot(rerun, calibration_batches(), "alps", 0.6, distributed=True, resume_dir=str(tmp_path / "p"))
+    assert solved == [] and list(restored) == list(reports)
+    assert all(restored[name].stats == report.stats for name, report in reports.items())
+    assert_same_tensors(rerun.state_dict(), alone.state_dict())
 
     processes = Processes.current()
     with pytest.raises(DistributedPruningError, match="rank 0 failed while testing: ValueError: boom"):

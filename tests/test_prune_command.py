@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_prune.cli import main, run
 from lightning_prune.export import load_sparsity_metadata
+from lightning_prune.report import summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "alps-prune.yaml")
@@ -92,6 +93,18 @@ def test_fit_takes_the_same_prune_group_and_the_old_list_form_still_works(tiny, 
     ]
 
 
+def test_allocation_flags_reach_the_export(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--prune.method", "magnitude", "--prune.sparsity", "0.6", "--prune.allocation", "depth"]
+    run(["prune", *arguments(tiny, tmp_path), *flags, "--prune.depth_slope", "0.05", "--export.dirpath", "out"])
+    record = load_sparsity_metadata(tmp_path / "out")
+    metadata = record["metadata"]
+    assert metadata["allocation"] == "depth" and metadata["depth_slope"] == 0.05
+    assert "magnitude at 0.6 unstructured, depth allocation per block" in summary_table(record)
+    blocks = metadata["summary"]["block_sparsity"]
+    assert metadata["summary"]["allocated_sparsity"] == pytest.approx(0.6, abs=1e-3) and blocks["0"] < blocks["1"]
+
+
 def run_main(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -105,6 +118,7 @@ def run_main(args, capsys):
         (["--prune.method", "obs"], "prune: method must be one of ['alps', 'magnitude', 'sparsegpt', 'wanda']"),
         (["--prune.bogus", "1"], "prune: OneShotPruningCallback: Option 'bogus' is not accepted"),
         (["--export.dtype", "int8"], "export: dtype must be None (the model's) or one of"),
+        (["--prune.allocation", "best"], "prune: allocation must be one of ('uniform', 'owl', 'depth', 'error')"),
         (["--model.model_name_or_path", "no/such/model"], "model: model_name_or_path: no such directory"),
         (["--data.calibration_samples", "100000"], "data: calibration_samples=100000 exceeds the"),
     ],

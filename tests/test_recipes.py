@@ -1,5 +1,6 @@
 """Every prune-then-finetune recipe parses, composes with its base file, and runs a few steps on a tiny model."""
 
+import json
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 from helpers import make_documents, make_tiny_causal_lm
 
+from lightning_prune.callbacks import PruningCallback
 from lightning_prune.cli import run
 from lightning_prune.export import load_sparsity_metadata
 
@@ -67,10 +69,18 @@ def test_recipe_prunes_finetunes_and_exports_with_the_mask_kept(method, tiny, tm
     assert list(logs.glob("checkpoints/*step=3.ckpt"))  # the last step validated, so the checkpoint was written
     assert "val/perplexity" in (logs / "metrics.csv").read_text()
     record = load_sparsity_metadata(exported)
-    assert record["metadata"], "the export records the pruning metadata"
+    stages = json.loads(json.dumps([c.metadata for c in cli.trainer.callbacks if isinstance(c, PruningCallback)]))
+    assert stages and all(stage["method"] and stage["summary"] and stage["layers"] for stage in stages)
+    assert record["metadata"] == (stages[0] if len(stages) == 1 else {"stages": stages})  # every stage, in order
     mask_callback = next((c for c in cli.trainer.callbacks if type(c).__name__ == "SparsityMaskCallback"), None)
+    if method == "fasp-20-alps-50.yaml":
+        fasp_stage, alps_stage = record["metadata"]["stages"]
+        assert fasp_stage["method"] == "fasp" and fasp_stage["summary"]["removed_fraction"] >= 0.2
+        assert alps_stage["method"] == "alps" and alps_stage["summary"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert set(alps_stage["layers"]) == set(mask_callback.masks)  # the slimmed model's layers
     if mask_callback is None:  # structured pruning only: a smaller model, no zeros to keep
-        assert "fasp" in method and cli.model.model.config.model_type.endswith("_fasp")
+        config = cli.model.model.config  # the tiny value heads are one multiple of 8 wide: only the MLP narrows
+        assert "fasp" in method and (config.model_type.endswith("_fasp") or config.intermediate_size < 64)
         return
     assert mask_callback.masks
     for name, kept in mask_callback.masks.items():

@@ -4,13 +4,13 @@ from copy import deepcopy
 
 import pytest
 import torch
-from helpers import RecordedSteps
+from helpers import RecordedSteps, assert_exact_pattern
 from torch import nn
 
 from lightning_prune.architectures import LayerSelection, find_blocks, weight_view
 from lightning_prune.calibration import CalibrationOptions
 from lightning_prune.sequential import prune_model
-from lightning_prune.solvers import PruneResult, check_mask, magnitude, wanda
+from lightning_prune.solvers import PruneResult, magnitude, wanda
 
 _IDS = torch.ones(1, 4, dtype=torch.long)
 
@@ -77,8 +77,11 @@ def _grams_by_forward(model, batches, names):
 
 
 def _assert_same_state(model, reference):
-    for (name, value), (_, expected) in zip(model.state_dict().items(), reference.state_dict().items()):
-        torch.testing.assert_close(value, expected, rtol=0, atol=0, equal_nan=True, msg=name)
+    """Same keys, bit-identical values (NaN where the reference has NaN)."""
+    state, expected = model.state_dict(), reference.state_dict()
+    assert set(state) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def _assert_no_hooks(model):
@@ -96,16 +99,18 @@ def test_every_targeted_layer_reaches_the_sparsity_and_nothing_else_moves(family
     modules = dict(model.named_modules())
     assert reports and all(name.startswith(path + ".") for name in reports)
     for name, report in reports.items():
-        check_mask(report.mask, 0.5, per_row=True)
+        assert_exact_pattern(report.mask, 0.5, per_row=True)
         assert report.mask.device.type == "cpu" and report.tokens == 56
         assert report.block_index == int(name[len(path) + 1 :].split(".")[0])
         weight = weight_view(modules[name])
         assert not weight[~report.mask].any()
         torch.testing.assert_close(weight[report.mask], weight_view(dict(dense.named_modules())[name])[report.mask])
     pruned_weights = {f"{name}.weight" for name in reports}
-    for (key, value), (_, expected) in zip(model.state_dict().items(), dense.state_dict().items()):
+    state, expected = model.state_dict(), dense.state_dict()
+    assert set(state) == set(expected)
+    for key, value in expected.items():
         if key not in pruned_weights:  # embeddings, lm_head, norms, biases
-            assert torch.equal(value, expected), key
+            assert torch.equal(state[key], value), key
     assert len(pruned_weights) == {"gpt2": 8, "opt": 12}.get(family, 14)
     assert model.training and model.config.use_cache
     _assert_no_hooks(model)
@@ -199,7 +204,7 @@ def test_gpt2_conv1d_weights_are_transposed_both_ways(tiny_model, calibration_ba
         raw = model.get_submodule(name).weight
         assert torch.equal(weight, before[name].T)  # [out, in]
         assert gram_shape == (raw.shape[0], raw.shape[0])  # in = rows of Conv1D's weight
-        check_mask(report.mask, 0.75)
+        assert_exact_pattern(report.mask, 0.75)
         assert torch.equal(raw != 0, report.mask.T)
         assert torch.equal(raw[report.mask.T], before[name][report.mask.T])
 
@@ -382,5 +387,5 @@ def test_low_precision_model_gets_fp32_grams_and_keeps_its_dtype(tiny_model, cal
     for name, report in reports.items():
         weight = model.get_submodule(name).weight
         assert weight.dtype == torch.bfloat16
-        check_mask(report.mask, 0.5, per_row=True)
+        assert_exact_pattern(report.mask, 0.5, per_row=True)
         assert not weight[~report.mask].any()

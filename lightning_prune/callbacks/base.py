@@ -21,12 +21,14 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from ..evaluation import perplexity
+from ..masks import PackedMasks
+from ..solvers.timing import seconds_since
 from ..steps import PlannedStep, ProgressHook
 
 #: Prefix of every metric the pruning callbacks send to the trainer's loggers.
@@ -42,12 +44,13 @@ class PruningOutcome:
             with several processes, the busiest one's).
         layers: ``{step name: {statistic: plain value}}`` per pruned layer or group.
         masks: ``{layer name: bool [out, in] mask on the CPU}`` (True = kept) for callbacks that keep the zeros while
-            fine-tuning; empty when the method removes whole units.
+            fine-tuning, kept bit-packed (:class:`~lightning_prune.masks.PackedMasks`); empty when the method
+            removes whole units.
     """
 
     summary: dict[str, Any]
     layers: dict[str, dict[str, Any]]
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: PackedMasks = field(default_factory=PackedMasks)
 
 
 class PruningCallback(Callback):
@@ -60,7 +63,11 @@ class PruningCallback(Callback):
       pruned model (under DeepSpeed, callback state is only restored after ``on_fit_start``, hence not earlier);
     * in ``on_fit_end`` when nothing has pruned yet: a prune-only fit (``max_steps=0`` or
       ``limit_train_batches=0``), in which ``on_train_start`` never fires. The model is moved back to the
-      strategy's device for it (Lightning has moved it to the CPU by then).
+      strategy's device for it (Lightning has moved it to the CPU by then, under DeepSpeed too), then to the CPU
+      again.
+
+    The calibration forwards run in the trainer's precision context (the precision plugin's ``forward_context()``:
+    autocast with ``bf16-mixed``), as training and validation steps do; grams and solves keep their own precision.
 
     Calibration batches come from :meth:`calibration_batches`: the datamodule's ``calibration_dataloader()`` when it
     has one (:class:`~lightning_prune.data.TextDataModule`: training windows only, the same on every rank), else the
@@ -114,7 +121,7 @@ class PruningCallback(Callback):
         self._pruned = False
         self._summary: dict[str, Any] = {}
         self._layers: dict[str, dict[str, Any]] = {}
-        self._masks: dict[str, torch.Tensor] = {}
+        self._masks = PackedMasks()
 
     @property
     def pruned(self) -> bool:
@@ -122,10 +129,10 @@ class PruningCallback(Callback):
         return self._pruned
 
     @property
-    def masks(self) -> dict[str, torch.Tensor]:
-        """``{layer name: bool [out, in] mask on the CPU}``, True where a weight is kept; empty until pruned here
-        (and after resuming from a checkpoint, where the zeros are in the restored weights), and for methods that
-        remove whole units."""
+    def masks(self) -> PackedMasks:
+        """``{layer name: bool [out, in] mask on the CPU}``, True where a weight is kept, stored bit-packed (each
+        lookup unpacks one mask); empty until pruned here (and after resuming from a checkpoint, where the zeros are
+        in the restored weights), and for methods that remove whole units."""
         return self._masks
 
     @property
@@ -207,7 +214,7 @@ class PruningCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._pruned:
-            with _on_device(pl_module, trainer.strategy.root_device, trainer.strategy):
+            with _on_device(pl_module, trainer.strategy.root_device):
                 self._prune(trainer, pl_module)
 
     @override
@@ -239,8 +246,9 @@ class PruningCallback(Callback):
         loggers = trainer.loggers if trainer.is_global_zero else []
         with self._progress_bar(trainer, loggers) as hook:
             prune_start = time.perf_counter()
-            outcome = self.prune_model(model, batches, hook, trainer.world_size > 1)
-            prune_seconds = time.perf_counter() - prune_start
+            with trainer.precision_plugin.forward_context():
+                outcome = self.prune_model(model, batches, hook, trainer.world_size > 1)
+            prune_seconds = seconds_since(prune_start, device)
 
         after_start = time.perf_counter()
         perplexity_after = None if evaluation is None else perplexity(model, evaluation, device)
@@ -347,19 +355,36 @@ class _BarHook:
 
 
 @contextmanager
-def _on_device(module: LightningModule, device: torch.device, strategy: Strategy) -> Iterator[None]:
+def _on_device(module: LightningModule, device: torch.device) -> Iterator[None]:
     """Move ``module`` to ``device`` for the duration (if elsewhere), then back to where it was.
 
-    Under DeepSpeed the engine keeps the (possibly partitioned) parameters where they are: nothing is moved."""
+    Lightning's ``Strategy.teardown`` moves the module to the CPU before ``on_fit_end``, also under DeepSpeed, whose
+    engine stays alive: ZeRO stages 1-2 would then calibrate on the CPU, and ZeRO-3, which gathers a partitioned
+    weight onto its placeholder's device, would gather every weight onto the CPU. Moving the module moves the
+    placeholders and the whole (persistent) parameters and buffers; the partitions stay where the engine keeps
+    them, so the gathers land on ``device`` again.
+
+    Raises:
+        ValueError: when a parameter or buffer is still elsewhere after the move.
+    """
     original = module.device
-    move = original != device and not isinstance(strategy, DeepSpeedStrategy)
+    move = original != device
     if move:
         module.to(device)
+        stray = next((name for name, tensor in _tensors(module) if tensor.device != device), None)
+        if stray is not None:
+            module.to(original)
+            raise ValueError(f"cannot prune on {device}: {stray} stays on another device after moving the module")
     try:
         yield
     finally:
         if move:
             module.to(original)
+
+
+def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
 
 
 def error_totals(errors: Mapping[str, float], step: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from ..distributed.zero import (
     mask_local_grad_,
 )
 from ..export import SPARSITY_FILE, load_sparsity_metadata
-from ..masks import pack_mask, unpack_mask
+from ..masks import PackedMasks, pack_bits, pack_mask, unpack_bits, unpack_mask
 
 SOURCES = ("auto", "pruning", "metadata", "zeros")
 
@@ -46,7 +47,9 @@ class SparsityMaskCallback(Callback):
     * ``"auto"`` (default): ``"pruning"`` if such a callback is present, else ``"metadata"`` if the file exists.
 
     Masks are resolved at the first training batch (after every ``on_train_start``, so a pruning callback has run)
-    and saved bit-packed in the checkpoint through :meth:`state_dict`: a resumed fit keeps them.
+    and saved bit-packed in the checkpoint through :meth:`state_dict`: a resumed fit keeps them. They stay
+    bit-packed everywhere (one bit per weight, in host memory and on each layer's device) and are unpacked one layer
+    at a time when applied: for a 7B model about 0.8 GB instead of 6.5 GB of bool masks on the GPU.
 
     Example::
 
@@ -78,7 +81,7 @@ class SparsityMaskCallback(Callback):
         self.source = source
         self.metadata_dir = metadata_dir
         self.log_every_n_steps = log_every_n_steps
-        self.masks: dict[str, torch.Tensor] = {}  # layer name -> bool [out, in] on the CPU
+        self.masks = PackedMasks()  # layer name -> bool [out, in] on the CPU, kept bit-packed
         self._layers: dict[str, _MaskedWeight | _MaskedShard] = {}
         self._last_logged_step = -1
 
@@ -113,8 +116,9 @@ class SparsityMaskCallback(Callback):
 
         Under ZeRO-3 the counts of every process's partition are summed: every process must call it."""
         counts = torch.tensor([layer.count() for layer in self._layers.values()], dtype=torch.float64).reshape(-1, 3)
-        if any(isinstance(layer, _MaskedShard) for layer in self._layers.values()):
-            Processes.current().sum_(counts)
+        shards = [layer for layer in self._layers.values() if isinstance(layer, _MaskedShard)]
+        if shards:
+            Processes.current(device=shards[0].weight.device).sum_(counts)
         metrics = {f"mask/{name}/sparsity": float(z / n) for name, (z, n, _) in zip(self._layers, counts.tolist())}
         metrics["mask/nonzero_pruned"] = float(counts[:, 2].sum())
         return metrics
@@ -123,12 +127,12 @@ class SparsityMaskCallback(Callback):
         for layer in self._layers.values():
             layer.zero_weights()
 
-    def _collect(self, trainer: Trainer, pl_module: LightningModule, root: nn.Module) -> dict[str, torch.Tensor]:
+    def _collect(self, trainer: Trainer, pl_module: LightningModule, root: nn.Module) -> PackedMasks:
         if self.source in ("auto", "pruning"):
             for callback in trainer.callbacks:
                 masks = getattr(callback, "masks", None)
-                if callback is not self and isinstance(masks, dict) and masks:
-                    return {name: mask.cpu() for name, mask in masks.items()}
+                if callback is not self and isinstance(masks, Mapping) and masks:
+                    return PackedMasks.of(masks)
             if self.source == "pruning":
                 raise ValueError("source='pruning': no pruning callback with masks ran before fine-tuning")
         if self.source in ("auto", "metadata"):
@@ -141,63 +145,80 @@ class SparsityMaskCallback(Callback):
                 )
             layers = load_sparsity_metadata(directory)["measured"]["layers"]
             origin = f"{os.path.join(str(directory), SPARSITY_FILE)} lists"
-            return {name: _zeros_of(_layer(root, name, origin)) for name, entry in layers.items() if entry["zeros"]}
-        kept = {name: _zeros_of(module) for name, module in root.named_modules() if is_prunable(module)}
-        masks = {name: mask for name, mask in kept.items() if not bool(mask.all())}
+            sparse = [name for name, entry in layers.items() if entry["zeros"]]
+            return PackedMasks({name: pack_mask(_zeros_of(_layer(root, name, origin))) for name in sparse})
+        masks = {}
+        for name, module in root.named_modules():
+            if is_prunable(module):
+                mask = _zeros_of(module)
+                if not bool(mask.all()):
+                    masks[name] = pack_mask(mask)
         if not masks:
             raise ValueError("source='zeros': no linear layer of the model has a zero weight")
-        return masks
+        return PackedMasks(masks)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {name: pack_mask(mask) for name, mask in self.masks.items()}}
+        return {"masks": dict(self.masks.packed)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.masks = {name: unpack_mask(packed) for name, packed in state_dict["masks"].items()}
+        self.masks = PackedMasks(state_dict["masks"])
         self._layers = {}
 
 
 class _MaskedWeight:
-    """A layer whose weight is whole on this process, and its mask (bool ``[out, in]``, True = kept)."""
+    """A layer whose weight is whole on this process, and its mask bit-packed on the weight's device."""
 
-    def __init__(self, module: nn.Module, mask: torch.Tensor) -> None:
+    def __init__(self, module: nn.Module, packed: Mapping[str, Any]) -> None:
         self.module = module
-        self.mask = mask.to(module.weight.device)
+        self.shape = tuple(packed["shape"])  # [out, in]
+        self.bits = packed["bits"].to(module.weight.device)
+
+    def mask(self) -> torch.Tensor:
+        """bool ``[out, in]`` on the weight's device, True = kept (unpacked for one use)."""
+        return unpack_bits(self.bits, self.shape)
 
     def zero_weights(self) -> None:
         with torch.no_grad():
-            out_in_view(self.module, self.module.weight).mul_(self.mask)
+            out_in_view(self.module, self.module.weight).mul_(self.mask())
 
     def zero_grad(self) -> None:
         grad = self.module.weight.grad
         if grad is not None:
-            out_in_view(self.module, grad).mul_(self.mask)
+            out_in_view(self.module, grad).mul_(self.mask())
 
     def count(self) -> tuple[int, int, int]:
         """``(zero weights, weights, nonzero pruned weights)``."""
         weight = out_in_view(self.module, self.module.weight.detach())
-        return int((weight == 0).sum()), weight.numel(), int(torch.count_nonzero(weight[~self.mask]))
+        return int((weight == 0).sum()), weight.numel(), int(torch.count_nonzero(weight[~self.mask()]))
 
 
 class _MaskedShard:
-    """A layer whose weight is partitioned by ZeRO-3: this process's partition and the matching slice of the mask.
+    """A layer whose weight is partitioned by ZeRO-3: this process's partition and the matching slice of the mask,
+    bit-packed on the partition's device.
 
     The model's shard, the fp32 master copy and the gradient partition are masked locally, without communication.
     """
 
-    def __init__(self, module: nn.Module, mask: torch.Tensor) -> None:
+    def __init__(self, module: nn.Module, packed: Mapping[str, Any]) -> None:
         self.weight = module.weight
-        self.mask = local_slice(self.weight, out_in_view(module, mask), fill=True).to(self.weight.ds_tensor.device)
+        local = local_slice(self.weight, out_in_view(module, unpack_mask(packed)), fill=True)
+        self.size = local.numel()
+        self.bits = pack_bits(local).to(self.weight.ds_tensor.device)
+
+    def mask(self) -> torch.Tensor:
+        """bool ``[P]``: this partition's slice of the mask (unpacked for one use)."""
+        return unpack_bits(self.bits, (self.size,))
 
     def zero_weights(self) -> None:
-        mask_local_(self.weight, self.mask)
+        mask_local_(self.weight, self.mask())
 
     def zero_grad(self) -> None:
-        mask_local_grad_(self.weight, self.mask)
+        mask_local_grad_(self.weight, self.mask())
 
     def count(self) -> tuple[int, int, int]:
-        return count_local(self.weight, self.mask)
+        return count_local(self.weight, self.mask())
 
 
 def _root(pl_module: LightningModule) -> nn.Module:
@@ -220,13 +241,13 @@ def _zeros_of(module: nn.Module) -> torch.Tensor:
         return (out_in_view(module, module.weight.detach()) != 0).cpu()
 
 
-def _bind(root: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, _MaskedWeight | _MaskedShard]:
+def _bind(root: nn.Module, masks: PackedMasks) -> dict[str, _MaskedWeight | _MaskedShard]:
     """``{name: masked layer}``, checking every name and shape."""
     bound = {}
-    for name, mask in masks.items():
+    for name, packed in masks.packed.items():
         module = _layer(root, name, "mask for")
         shape = out_in_shape(module)
-        if tuple(mask.shape) != shape:
-            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the layer's weight is {shape}")
-        bound[name] = (_MaskedShard if is_partitioned(module.weight) else _MaskedWeight)(module, mask)
+        if tuple(packed["shape"]) != shape:
+            raise ValueError(f"mask for {name!r} has shape {tuple(packed['shape'])}, the layer's weight is {shape}")
+        bound[name] = (_MaskedShard if is_partitioned(module.weight) else _MaskedWeight)(module, packed)
     return bound

@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
+from ..allocation import AllocationOptions
+from ..masks import PackedMasks
 from ..oneshot import UNSTRUCTURED, OneShotOptions, prune_oneshot
 from ..sequential import LayerReport
 from ..solvers import ALPSOptions, MagnitudeOptions, PruneResult, SparseGPTOptions, WandaOptions
@@ -80,6 +82,15 @@ class OneShotPruningCallback(PruningCallback):
         resume_invalid_blocks: ``"raise"`` (default): a saved block failing its checks stops the run with a
             ``ValueError`` naming its file; ``"resolve"``: that block is solved again.
         keep_resume_dir: keep ``resume_dir`` after a successful fit (default False).
+        allocation: how ``sparsity`` is spread over the layers (:mod:`lightning_prune.allocation`): ``"uniform"``
+            (default: every layer at ``sparsity``), ``"owl"`` (less sparsity where the block has more outlier
+            weights), ``"depth"`` (sparsity rising linearly with depth) or ``"error"`` (where the estimated
+            reconstruction error grows least). The layers no override pins then remove exactly ``sparsity`` of
+            their weights together. Unstructured only.
+        granularity: ``"block"`` (default: one sparsity per decoder block) or ``"layer"`` (``"owl"``, ``"error"``).
+        owl_threshold, owl_lambda: OWL's M (default 5) and λ, the largest change from ``sparsity`` (default 0.08).
+        depth_slope: ``"depth"``'s β, sparsity added per block (default 0.01).
+        min_sparsity, max_sparsity: bounds on each allocated layer's sparsity (default 0 and 0.95).
 
     Raises:
         ValueError: at construction, naming the argument, for any bad value (the arguments become one
@@ -100,7 +111,7 @@ class OneShotPruningCallback(PruningCallback):
         zeros are in the restored weights) while :attr:`metadata` is restored.
     """
 
-    logged_totals = ("mean_rel_error", "sparsity", "seconds", "calibration_seconds")
+    logged_totals = ("mean_rel_error", "sparsity", "allocated_sparsity", "seconds", "calibration_seconds")
     supports_zero3 = True
 
     def __init__(
@@ -122,6 +133,13 @@ class OneShotPruningCallback(PruningCallback):
         resume_dir: str | None = None,
         resume_invalid_blocks: str = "raise",
         keep_resume_dir: bool = False,
+        allocation: str = AllocationOptions.allocation,
+        granularity: str = AllocationOptions.granularity,
+        owl_threshold: float = AllocationOptions.owl_threshold,
+        owl_lambda: float = AllocationOptions.owl_lambda,
+        depth_slope: float = AllocationOptions.depth_slope,
+        min_sparsity: float = AllocationOptions.min_sparsity,
+        max_sparsity: float = AllocationOptions.max_sparsity,
     ) -> None:
         super().__init__(num_calibration_batches, evaluate, eval_batches)
         if not isinstance(keep_resume_dir, bool):
@@ -141,6 +159,13 @@ class OneShotPruningCallback(PruningCallback):
             gram_dtype=gram_dtype,
             resume_dir=resume_dir,
             resume_invalid_blocks=resume_invalid_blocks,
+            allocation=allocation,
+            granularity=granularity,
+            owl_threshold=owl_threshold,
+            owl_lambda=owl_lambda,
+            depth_slope=depth_slope,
+            min_sparsity=min_sparsity,
+            max_sparsity=max_sparsity,
         )
 
     @override
@@ -175,8 +200,8 @@ class OneShotPruningCallback(PruningCallback):
             name: {"block": report.block_index, "tokens": report.tokens, **report.stats}
             for name, report in reports.items()
         }
-        masks = {name: report.mask for name, report in reports.items()}
-        return PruningOutcome(_summarize(reports), layers, masks)
+        masks = PackedMasks({name: report.packed_mask for name, report in reports.items()})
+        return PruningOutcome(_summarize(reports, self.options), layers, masks)
 
     @override
     def format_summary(self, summary: Mapping[str, Any]) -> str:
@@ -191,6 +216,23 @@ class OneShotPruningCallback(PruningCallback):
                 f"{100 * summary['sparsity']:.2f} % ({summary['removed']:,} of {summary['weights']:,})",
             ),
         ]
+        allocation = options.allocation_options
+        if not allocation.uniform:
+            details = {
+                "owl": f"M={allocation.owl_threshold:g}, λ={allocation.owl_lambda:g}",
+                "depth": f"β={allocation.depth_slope:g} per block",
+                "error": "least estimated error",
+            }[allocation.allocation]
+            blocks = summary["block_sparsity"]
+            rows += [
+                ("allocation", f"{allocation.allocation} per {allocation.granularity} ({details})"),
+                ("  allocated layers", f"{100 * summary['allocated_sparsity']:.2f} % (overrides excluded)"),
+                (
+                    "  per layer",
+                    f"{100 * summary['min_layer_sparsity']:.1f}–{100 * summary['max_layer_sparsity']:.1f} %",
+                ),
+                ("  per block", " ".join(f"{100 * value:.1f}" for value in blocks.values()) + " %"),
+            ]
         return format_table(f"One-shot pruning with {options.method} at {pattern}:", rows, summary, "layer")
 
 
@@ -316,10 +358,25 @@ class MagnitudePruningCallback(OneShotPruningCallback):
         super().__init__("magnitude", sparsity, mask_structure, solver_options={"per_row": per_row}, **kwargs)
 
 
-def _summarize(reports: Mapping[str, LayerReport]) -> dict[str, Any]:
-    """Totals over the pruned layers (plain Python values, stored in checkpoints and ``sparsity.json``)."""
-    numel = sum(report.mask.numel() for report in reports.values())
-    removed = sum(int((~report.mask).sum()) for report in reports.values())
+def _summarize(reports: Mapping[str, LayerReport], options: OneShotOptions) -> dict[str, Any]:
+    """Totals over the pruned layers (plain Python values, stored in checkpoints and ``sparsity.json``).
+
+    ``allocated_sparsity`` is the sparsity of the layers no override pins (exactly the target under a non-uniform
+    allocation), ``block_sparsity`` ``{block index: sparsity}`` and ``min``/``max_layer_sparsity`` show the spread.
+    """
+    counts: dict[str, tuple[int, int]] = {}  # {name: (removed, weights)}, one unpacked mask at a time
+    for name, report in reports.items():
+        mask = report.mask
+        counts[name] = (int((~mask).sum()), mask.numel())
+    numel = sum(total for _, total in counts.values())
+    removed = sum(pruned for pruned, _ in counts.values())
+    free = [counts[name] for name in reports if options.override(name) is None]
+    blocks: dict[int, list[int]] = {}
+    for name, report in reports.items():
+        block = blocks.setdefault(report.block_index, [0, 0])
+        block[0] += counts[name][0]
+        block[1] += counts[name][1]
+    layer_sparsity = [pruned / total for pruned, total in counts.values()]
     errors = {
         name: report.stats["rel_error"] for name, report in reports.items() if report.stats.get("rel_error") is not None
     }
@@ -329,6 +386,10 @@ def _summarize(reports: Mapping[str, LayerReport]) -> dict[str, Any]:
         "weights": numel,
         "removed": removed,
         "sparsity": removed / numel,
+        "allocated_sparsity": sum(pruned for pruned, _ in free) / sum(total for _, total in free) if free else None,
+        "min_layer_sparsity": min(layer_sparsity),
+        "max_layer_sparsity": max(layer_sparsity),
+        "block_sparsity": {index: pruned / total for index, (pruned, total) in blocks.items()},
         **error_totals(errors, "layer"),
         "calibration_tokens": max(report.tokens for report in reports.values()),
         "solve_seconds": _busiest_solver(reports),

@@ -40,6 +40,12 @@ from .result import PruneResult
 
 MAX_RESTARTS = 5
 
+#: Retries of a failed eigendecomposition with 10× more damping each, before falling back to the CPU.
+EIGH_RETRIES = 2
+
+#: Rows of the gram scaled at a time (bounds the ``outer(s, s)`` temporary).
+SCALE_ROWS = 1024
+
 #: Working precisions accepted for the ADMM iterations.
 ALPS_DTYPES = (torch.float32, torch.float64)
 
@@ -85,8 +91,9 @@ class ALPSOptions(SolverOptions):
         max_iter: cap on ADMM iterations (default 300).
         update_every: iterations between support-change checks and ρ updates (default 3).
         cg_iter: conjugate-gradient iterations of the refit on the final support (default 10; 0 skips it).
-        damp: ``λ = damp · mean(diag H)`` added to the diagonal (default 0.01). Raised automatically when the
-            damped, scaled gram is still numerically singular.
+        damp: ``λ = damp · mean(diag H)`` added to the diagonal (default 0.01). When the damped, scaled gram is
+            still numerically singular its spectrum is lifted; when the eigendecomposition fails, it is retried with
+            more damping, then on the CPU (see ``stats``).
         per_row: compare weights within each output row instead of over the whole layer (default False).
         dtype: working precision of the iterations (default float32); the eigendecomposition is done in float64.
         schedule: the ρ schedule, a name of :data:`SCHEDULES`: ``"fast"`` (default) or ``"paper"`` (the published
@@ -140,9 +147,12 @@ def alps(
 
     Returns:
         :class:`PruneResult` with ``stats``: ``rel_error``, ``rel_error_admm`` (before the refit), ``iterations``,
-        ``rho`` (final), ``support_changes`` (c at each check), ``restarts``, ``damp``, ``spectral_shift`` (added to
-        the scaled gram's diagonal when it was singular even after damping; normally 0), ``shared_input`` (number
-        of layers solved together, 1 here), ``seconds``.
+        ``rho`` (final), ``support_changes`` (c at each check), ``restarts``, ``damp`` (the damping used: ``damp``
+        unless the eigendecomposition failed and was retried with more), ``eigh_device`` (where the
+        eigendecomposition ran: the gram's device type, or ``"cpu"`` after failures there), ``eigh_failures`` (one
+        message per failed attempt; normally empty), ``spectral_shift`` (added to the scaled gram's diagonal when it
+        was singular even after damping; normally 0), ``shared_input`` (number of layers solved together, 1 here),
+        ``seconds``.
     """
     sparsity, nm = check_pattern(sparsity, nm)
     return solve_alps(weight, gram, sparsity, nm, ALPSOptions(**options))
@@ -205,25 +215,24 @@ def solve_alps_shared(
     start = time.perf_counter()
     dtype = options.dtype
 
-    H_scaled, s, mu, Q, shift = _scaled_eigenbasis(gram, options.damp, dtype)
+    mu, Q, H_scaled, s, shift, eigh = _scaled_eigh(gram, options.damp, dtype)
     dead = dead_inputs(gram)
-    scaled = []
-    for weight in weights:
-        B0 = weight.detach().to(dtype) * s
-        B0[:, dead] = 0  # they cannot affect the objective: score them lowest so they are pruned first
-        scaled.append(B0)
     stacks = [list(range(len(weights)))] if options.stack else [[index] for index in range(len(weights))]
     outcomes: dict[int, tuple] = {}
-    for stack in stacks:
-        B0 = scaled[stack[0]] if len(stack) == 1 else torch.cat([scaled[index] for index in stack])
+    for number, stack in enumerate(stacks):
+        B0 = torch.cat([weights[index].detach() for index in stack]).to(dtype) * s
+        B0[:, dead] = 0  # they cannot affect the objective: score them lowest so they are pruned first
         G = B0 @ H_scaled
         layers, row = [], 0
         for index in stack:
-            rows = scaled[index].shape[0]
-            projector = Projector(scaled[index].shape, sparsities[index], nm, options.per_row)
+            rows = weights[index].shape[0]
+            projector = Projector(weights[index].shape, sparsities[index], nm, options.per_row)
             layers.append(_Layer(slice(row, row + rows), projector, options.rho0))
             row += rows
         _admm(G @ Q, Q, mu, B0, layers, options)
+        del B0
+        if number == len(stacks) - 1:
+            del Q, mu  # dead once the last ADMM is done: freed before the refit
         D = layers[0].D if len(layers) == 1 else torch.cat([layer.D for layer in layers])
         mask = layers[0].mask if len(layers) == 1 else torch.cat([layer.mask for layer in layers])
         refit = _refit(D, mask, G, H_scaled, options.cg_iter) if options.cg_iter else None
@@ -249,9 +258,9 @@ def solve_alps_shared(
             "rho": layer.rho,
             "support_changes": layer.history,
             "restarts": layer.restarts,
-            "damp": options.damp,
             "spectral_shift": shift,
             "shared_input": len(weights),
+            **eigh,
         }
         results.append(PruneResult(new_weight, layer.mask, stats))
     seconds = time.perf_counter() - start
@@ -261,23 +270,48 @@ def solve_alps_shared(
     return results
 
 
-def _scaled_eigenbasis(
+def _scaled_eigh(
     gram: torch.Tensor, damp: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """``(H' [in, in], s [in], μ [in], Q [in, in], shift)``: the damped gram scaled to a unit diagonal,
-    ``H' = H / (s sᵀ)`` with ``s = sqrt(diag H)``, and its eigendecomposition ``H' = Q diag(μ) Qᵀ`` (computed in
-    float64, returned in ``dtype``). ``shift`` is added to ``H'``'s diagonal and to ``μ`` when ``H'`` is numerically
-    singular even after damping (normally 0)."""
-    H, _ = damped_gram(gram, damp)
-    s = torch.diagonal(H).sqrt()
-    H_scaled = H / torch.outer(s, s)
-    mu, Q = torch.linalg.eigh(H_scaled)
-    shift = max(0.0, 1e-6 * float(mu[-1]) - float(mu[0]))
-    if shift:  # numerically singular even after damping: lift the spectrum instead of failing
-        mu = mu + shift
-        H_scaled.diagonal().add_(shift)
-    H_scaled, s, mu, Q = (t.to(dtype) for t in (H_scaled, s, mu, Q))
-    return H_scaled, s, mu, Q, shift
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, dict[str, object]]:
+    """Eigendecomposition of the damped, scaled gram ``H' = Q diag(μ) Qᵀ``, in float64, returned in ``dtype``.
+
+    Returns ``(μ [in], Q [in, in], H' [in, in], s [in], shift, stats)``: ``s = sqrt(diag H)`` of the damped gram,
+    ``shift`` the lift added to ``μ`` and to ``H'``'s diagonal when ``H'`` is numerically singular even after
+    damping (normally 0), ``stats`` = ``damp`` (the damping used), ``eigh_device`` (``"cuda"``, ``"cpu"``, …) and
+    ``eigh_failures`` (one message per failed attempt).
+
+    ``torch.linalg.eigh`` can raise ``LinAlgError`` on an ill-conditioned input (cuSOLVER fails to converge): the
+    decomposition is retried :data:`EIGH_RETRIES` times with 10× more damping each, then, off the CPU, once on the
+    CPU (LAPACK) at the original damping; a ValueError after that. Memory: one float64 ``[in, in]`` buffer is
+    damped and scaled in place; while ``eigh`` runs, its float64 output and workspace come on top; ``H'`` and ``Q``
+    are then cast to ``dtype`` one after the other, each float64 copy freed as soon as it is cast.
+    """
+    device = gram.device
+    attempts = [(damp * 10**retry, device) for retry in range(EIGH_RETRIES + 1)]
+    if device.type != "cpu":
+        attempts.append((damp, torch.device("cpu")))
+    failures: list[str] = []
+    for damping, where in attempts:
+        H, _ = damped_gram(gram, damping)
+        s = torch.diagonal(H).sqrt()
+        for start in range(0, H.shape[0], SCALE_ROWS):  # H' = H / (s sᵀ), in place, a band of rows at a time
+            H[start : start + SCALE_ROWS].div_(torch.outer(s[start : start + SCALE_ROWS], s))
+        H = H.to(where)
+        try:
+            mu, Q = torch.linalg.eigh(H)
+        except torch.linalg.LinAlgError as error:
+            failures.append(f"{where.type} at damp={damping:g}: {error}")
+            continue
+        shift = max(0.0, 1e-6 * float(mu[-1]) - float(mu[0]))
+        if shift:  # numerically singular even after damping: lift the spectrum instead of failing
+            mu = mu + shift
+            H.diagonal().add_(shift)
+        H_scaled = H.to(device=device, dtype=dtype)
+        del H
+        Q = Q.to(device=device, dtype=dtype)
+        stats = {"damp": damping, "eigh_device": where.type, "eigh_failures": failures}
+        return mu.to(device=device, dtype=dtype), Q, H_scaled, s.to(dtype), shift, stats
+    raise ValueError(f"gram: eigendecomposition failed {len(failures)} times ({'; '.join(failures)})")
 
 
 @dataclass(eq=False)
@@ -290,8 +324,9 @@ class _Layer:
         projector: the projection of its scores onto its pattern.
         rho: current penalty ρ; ``carry`` = previous ρ / ρ (rescales ``E = V/ρ`` after a change of ρ).
         raised: whether ρ was raised since the last (re)start; ``change``: entries that entered the support since
-            the last check; ``iterations`` since the last (re)start; ``restarts``; ``history``: ``change`` at each
-            check; ``k``: number of entries kept.
+            the last check (a 0-d tensor on the layer's device, read on the host once per check); ``iterations``
+            since the last (re)start; ``restarts``; ``history``: ``change`` at each check; ``k``: number of entries
+            kept.
         D, mask: the final projected iterate ``[rows, in]`` and its support, set when the layer has finished.
     """
 
@@ -300,7 +335,7 @@ class _Layer:
     rho: float
     carry: float = 1.0
     raised: bool = False
-    change: int = 0
+    change: torch.Tensor | None = None
     iterations: int = 0
     restarts: int = 0
     history: list[int] = field(default_factory=list)
@@ -315,7 +350,8 @@ class _Layer:
         mask = self.projector(B0.abs())
         D = B0 * mask
         DQ = D @ Q
-        self.carry, self.raised, self.change, self.iterations, self.history = 1.0, False, 0, 0, []
+        self.carry, self.raised, self.iterations, self.history = 1.0, False, 0, []
+        self.change = torch.zeros((), dtype=torch.int64, device=B0.device)
         self.k = int(torch.count_nonzero(mask))
         return mask, DQ, torch.add(GQ[self.rows], DQ, alpha=self.rho), torch.zeros_like(B0)
 
@@ -342,7 +378,7 @@ def _admm(GQ: torch.Tensor, Q: torch.Tensor, mu: torch.Tensor, B0: torch.Tensor,
         masks, offset = [], 0
         for layer, n in zip(active, rows):
             previous, new = mask[offset : offset + n], layer.projector(U[offset : offset + n].abs())
-            layer.change += int(torch.count_nonzero(new & ~previous))
+            layer.change += torch.count_nonzero(new & ~previous)
             masks.append(new)
             offset += n
         mask = masks[0] if len(masks) == 1 else torch.cat(masks)
@@ -356,12 +392,13 @@ def _admm(GQ: torch.Tensor, Q: torch.Tensor, mu: torch.Tensor, B0: torch.Tensor,
             rho_next = layer.rho
             settled = False
             if layer.iterations % options.update_every == 0:
-                layer.history.append(layer.change)
-                settled = schedule.settled(layer.change, layer.k)
+                changed = int(layer.change)  # the one host read of a check
+                layer.history.append(changed)
+                settled = schedule.settled(changed, layer.k)
                 if not settled:
                     layer.raised = True
-                    rho_next = layer.rho * schedule.growth(layer.change, layer.k)
-                    layer.change = 0
+                    rho_next = layer.rho * schedule.growth(changed, layer.k)
+                    layer.change.zero_()
             if not settled and layer.iterations < options.max_iter:
                 next_rho.append(rho_next)
                 running.append((layer, part))

@@ -36,6 +36,7 @@ import torch
 from .objective import escalate_damping
 from .options import SolverOptions, check_flag, check_real
 from .patterns import check_fraction
+from .timing import seconds_since
 
 SCORES = ("wanda", "magnitude")
 
@@ -177,7 +178,7 @@ def _prune(
     if restore:
         new_weight, used_damp = _least_squares(B_K, H_KK, W[:, kept_columns], damp)
         new_weight = new_weight.to(weight.dtype)
-    seconds = time.perf_counter() - start
+    seconds = seconds_since(start, weight.device)
     total = float((B * W).sum()) if target is None else float(target.energy)
 
     def residual(V: torch.Tensor) -> float:

@@ -131,13 +131,33 @@ def keep_largest(scores: torch.Tensor, k: int, threshold: torch.Tensor | None = 
     if k >= flat.numel() or k <= 0:
         return (torch.ones_like if k > 0 else torch.zeros_like)(scores, dtype=torch.bool)
     if threshold is None:
-        threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+        threshold = kth_largest(flat, k)
     mask = flat >= threshold
     extra = int(torch.count_nonzero(mask)) - k
     if extra > 0:  # ties at the threshold: drop the ones with the highest index
         ties = torch.nonzero(flat == threshold).squeeze(1)
         mask[ties[ties.numel() - extra :]] = False
     return mask.reshape(scores.shape)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the 1-D tensor ``values`` (``1 <= k <= numel``), as a 0-d tensor on its device.
+
+    ``torch.kthvalue`` (a quickselect) on the CPU. On CUDA ``kthvalue`` runs one thread block per slice, about 20×
+    slower than a sort on a whole layer (PyTorch issue 75599), so there the smaller side is selected with ``topk``
+    instead (unsorted) and its extreme taken: the same value.
+    """
+    n = values.numel()
+    if not selects_by_topk(values.device):
+        return torch.kthvalue(values, n - k + 1).values
+    if k <= n - k + 1:
+        return values.topk(k, sorted=False).values.min()
+    return values.topk(n - k + 1, largest=False, sorted=False).values.max()
+
+
+def selects_by_topk(device: torch.device) -> bool:
+    """Whether :func:`kth_largest` selects with ``topk`` on ``device`` (CUDA) rather than ``kthvalue``."""
+    return device.type == "cuda"
 
 
 def keep_largest_in_groups(groups: torch.Tensor, n: int) -> torch.Tensor:
@@ -163,9 +183,10 @@ def keep_largest_in_groups(groups: torch.Tensor, n: int) -> torch.Tensor:
 class Projector:
     """Projection of score matrices ``[out, in]`` onto one sparsity pattern: the bool mask of entries to keep.
 
-    Repeated calls (as in an iterative solver) warm-start the layer-wide threshold: the k-th largest score is first
-    looked for in a band around the previous one (the band adapts its width), ranking only the scores inside it.
-    The result is always the exact projection.
+    Repeated calls (as in an iterative solver) warm-start the layer-wide threshold off CUDA: the k-th largest score
+    is first looked for in a band around the previous one (the band adapts its width), ranking only the scores
+    inside it. On CUDA, where counting the band costs host synchronisations, the threshold is selected directly
+    (:func:`kth_largest`). The result is always the exact projection.
 
     Args:
         shape: ``(out, in)``.
@@ -196,10 +217,11 @@ class Projector:
             return keep
         flat = scores.reshape(-1)
         threshold = None
-        if self._threshold is not None and 0 < self.k < flat.numel():
+        warm = self._threshold is not None and not selects_by_topk(flat.device)  # the band search syncs on CUDA
+        if warm and 0 < self.k < flat.numel():
             threshold = self._kth_largest_near(flat, self._threshold)
         if threshold is None and 0 < self.k < flat.numel():
-            threshold = torch.kthvalue(flat, flat.numel() - self.k + 1).values
+            threshold = kth_largest(flat, self.k)
         self._threshold = threshold
         return keep_largest(scores, self.k, threshold)
 
@@ -214,7 +236,7 @@ class Projector:
                 candidates = flat[band]
                 if n_above + candidates.numel() >= k:
                     self._width = max(width / 2, 1e-3)
-                    return torch.kthvalue(candidates, candidates.numel() - (k - n_above) + 1).values
+                    return kth_largest(candidates, k - n_above)
             width *= 4
         self._width = 0.02
         return None

@@ -121,7 +121,10 @@ def _inverse_cholesky_upper(gram: torch.Tensor, damp: float) -> tuple[torch.Tens
         L, info = torch.linalg.cholesky_ex(damped_gram(gram, damp)[0])
         if int(info) != 0:
             return None
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        inverse = torch.cholesky_inverse(L)
+        del L  # at most two float64 [in, in] buffers alive at a time
+        U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         return U.float() if int(info) == 0 else None
 
     return escalate_damping(factor, damp, "gram")

@@ -60,6 +60,7 @@ from ..calibration import (
     to_device,
 )
 from ..gram import GramAccumulator
+from ..precision import full_precision
 from ..solvers.fasp import ColumnPruneResult, FASPOptions, OutputTarget, solve_fasp
 from ..steps import PlannedStep, ProgressHook, announce, check_progress
 from ..weights import Rollback
@@ -362,7 +363,8 @@ def _solve(
         num_heads, num_kv_heads, _ = attention_heads(model.config)
         units_per_block = group_width(block, group, num_heads)
         units = value_units(num_heads, num_kv_heads, units_per_block).to(later.weight.device)
-    return solve_fasp(later.weight.detach(), gram, keep, units, units_per_block, options, target)
+    with full_precision(later.weight.device):
+        return solve_fasp(later.weight.detach(), gram, keep, units, units_per_block, options, target)
 
 
 def _replace_group(

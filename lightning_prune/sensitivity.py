@@ -1,0 +1,140 @@
+"""The dense statistics pass behind the ``"owl"`` and ``"error"`` allocations (:mod:`lightning_prune.allocation`).
+
+:func:`measure_layers` runs the still dense model once over the calibration batches, block by block as the
+pruning driver does: it catches the first block's inputs, then runs each decoder block (up to the last one with
+selected layers) over every batch, with hooks summing each selected layer's squared inputs ``Σ_t x_tj²`` over the
+valid tokens (the diagonal of the gram the driver builds later, without its ``in × in`` product); the block's
+outputs become the next block's inputs. After each block its layers' weights are read and reduced to a
+:class:`~lightning_prune.allocation.LayerStatistics` (an outlier ratio and an error curve of 129 numbers), so
+nothing of the size of a gram is ever kept.
+
+Cost: one forward pass of the model's blocks over the calibration batches, on top of the driver's own (per block:
+one forward accumulating the grams, one forward feeding the next block, then the solves), so about a third of a
+uniform run's calibration time and nothing for the solves (measured in ``benchmarks/prune_model.py``).
+``"uniform"`` and ``"depth"`` need no pass at all. Memory: one block's calibration activations (as the driver;
+released before pruning starts) and one float64 vector ``[in]`` per selected layer of the running block.
+
+With several processes each runs its share of the batches and the sums are added up over processes
+(:class:`~lightning_prune.distributed.Processes`), as for the driver's grams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocation import AllocationOptions, LayerStatistics, block_statistics
+from .architectures import LayerSelection, find_blocks, in_features
+from .calibration import (
+    CalibrationBatch,
+    CalibrationOptions,
+    calibration_mode,
+    capture_block_inputs,
+    check_uniform_blocks,
+    device_of,
+    to_device,
+)
+from .distributed.parallel import Processes
+from .weights import read_weights
+
+
+def measure_layers(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+    options: AllocationOptions,
+    *,
+    selection: LayerSelection = LayerSelection(),
+    calibration: CalibrationOptions = CalibrationOptions(),
+    processes: Processes | None = None,
+) -> dict[str, LayerStatistics]:
+    """The statistics of every selected layer of the dense ``model`` (see the module docstring); nothing changes.
+
+    Args:
+        model: a transformers decoder model, as for :func:`~lightning_prune.sequential.prune_model`.
+        batches: the calibration batches (input-id tensors or mappings with ``input_ids``/``attention_mask``).
+        options: the allocation (its ``owl_threshold`` and ``granularity`` shape the statistics).
+        selection: which layers are measured (the ones to prune).
+        calibration: where activations live (``offload``).
+        processes: measure together with these processes (every process passes the same batches).
+
+    Returns:
+        ``{layer name: LayerStatistics}`` in pruning order.
+
+    Raises:
+        ValueError: for no calibration batch or valid token, a layer the block never calls, NaN/Inf activations.
+    """
+    _, blocks = find_blocks(model)
+    check_uniform_blocks(model, len(blocks))
+    plan = selection.plan(model)
+    last = max(index for index, groups in enumerate(plan) if groups)
+    if processes is not None:
+        batches = processes.share(list(batches))
+    storage = calibration.offload
+    statistics: dict[str, LayerStatistics] = {}
+    with calibration_mode(model):
+        inputs = capture_block_inputs(model, blocks[0], batches, storage)
+        for index in range(last + 1):
+            layers = {name: module for group in plan[index] for name, module in group.items()}
+            norms = _squared_input_norms(blocks[index], layers, inputs, storage, keep_outputs=index < last)
+            if processes is not None:
+                for sums in norms.values():
+                    processes.sum_(sums.squares)
+                    sums.tokens = processes.sum_int(sums.tokens)
+            for name, sums in norms.items():
+                if sums.tokens == 0:
+                    raise ValueError(f"layer {name} received no calibration token: the block's forward never calls it")
+            if layers:
+                weights = read_weights(layers)
+                statistics.update(block_statistics(options, weights, {name: s.squares for name, s in norms.items()}))
+    return statistics
+
+
+class _SquaredInputs:
+    """``Σ_t x_tj²`` (float64 ``[in]``) over the valid tokens fed to one layer, and their number."""
+
+    def __init__(self, name: str, width: int, device: torch.device) -> None:
+        self.name = name
+        self.squares = torch.zeros(width, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, valid: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1])[valid.reshape(-1).to(x.device)]
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"layer {self.name}: calibration activations at its input contain NaN or Inf")
+        self.squares += rows.double().square().sum(dim=0).to(self.squares.device)
+        self.tokens += rows.shape[0]
+
+
+def _squared_input_norms(
+    block: nn.Module,
+    layers: Mapping[str, nn.Module],
+    inputs: list[CalibrationBatch],
+    storage: str | None,
+    keep_outputs: bool,
+) -> dict[str, _SquaredInputs]:
+    """Run ``block`` over every batch summing its ``layers``' squared inputs; with ``keep_outputs`` its outputs
+    replace the batches' hidden states (the next block's inputs)."""
+    device = device_of(block)
+    sums = {name: _SquaredInputs(name, in_features(module), device) for name, module in layers.items()}
+    current: dict[str, Any] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            sums[name].add(args[0], current["valid"])
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
+    try:
+        for batch in inputs:
+            current["valid"] = batch.valid
+            output = batch.run(block, device)
+            if keep_outputs:
+                batch.hidden = to_device(output, storage)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
