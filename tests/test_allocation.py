@@ -114,7 +114,8 @@ def test_block_statistics_count_outliers_over_the_unit():
     by_block = block_statistics(AllocationOptions("owl"), weights, norms)
     assert by_layer["a"].outlier_ratio == 1 / 8 and by_layer["b"].outlier_ratio == 0  # 100 > 5 x mean 13.4
     assert by_block["a"].outlier_ratio == by_block["b"].outlier_ratio == 1 / 16
-    curve = by_layer["b"].error_curve
+    assert by_layer["a"].error_curve is None  # "owl" skips the curves (they sort every score)
+    curve = block_statistics(AllocationOptions("error", "layer"), weights, norms)["b"].error_curve
     assert curve.shape == (CURVE_POINTS + 1,) and curve[0] == 0 and curve[-1] == pytest.approx(1.0)
     assert bool((curve.diff() >= 0).all())
 
@@ -211,6 +212,18 @@ def test_measure_layers_skips_ignored_layers_and_blocks_after_the_last(calibrati
     selection = LayerSelection(targets=["re:model\\.layers\\.[01]\\..*"], ignore=["q_proj"])
     statistics = measure_layers(model, calibration_batches(), AllocationOptions("error"), selection=selection)
     assert len(statistics) == 2 * 6 and not any("q_proj" in name or "layers.2" in name for name in statistics)
+
+
+def test_layers_sharing_an_input_get_the_statistics_they_get_measured_alone(calibration_batches):
+    from lightning_prune.architectures import LayerSelection
+
+    model = four_blocks()
+    options = AllocationOptions("error", "layer")
+    together = measure_layers(model, calibration_batches(), options)
+    for name in ("k_proj", "o_proj", "up_proj", "down_proj"):  # q/k/v and gate/up share one reduction together
+        alone = measure_layers(model, calibration_batches(), options, selection=LayerSelection(targets=[name]))
+        assert len(alone) == 4
+        assert all(torch.equal(value.error_curve, together[layer].error_curve) for layer, value in alone.items())
 
 
 @pytest.mark.parametrize(
