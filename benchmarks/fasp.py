@@ -12,7 +12,9 @@ at ``target_fraction=level``, the calibration windows batched 8 at a time:
 * ``magnitude``: column-magnitude scores, no restoration (the classic structured baseline);
 * each new option added to ``before`` alone and together, so the gain of each is visible: ``dense-target``
   (``restore_target="dense"``), ``allocation`` (``allocation="error"``), ``both``; ``damp-0.01`` is ``fasp``
-  with the damping ``before`` used (a tenth of the default).
+  with the damping ``before`` used (a tenth of the default);
+* on top of the defaults: ``obs`` (units chosen by structured OBS, ``score="obs"``), ``obs-allocation`` (and error
+  allocation), ``allocation-defaults`` (error allocation alone).
 
 ``--variants`` runs a subset (every level runs the same ones).
 
@@ -69,6 +71,9 @@ VARIANTS = {  # name -> fasp_prune options
     "allocation": {**BEFORE, "allocation": "error"},
     "both": {**BEFORE, "restore_target": "dense", "allocation": "error"},
     "damp-0.01": {"damp": 0.01},
+    "obs": {"score": "obs"},
+    "obs-allocation": {"score": "obs", "allocation": "error"},
+    "allocation-defaults": {"allocation": "error"},
 }
 DEFAULTS = {
     "windows": 64,

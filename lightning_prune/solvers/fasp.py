@@ -38,7 +38,11 @@ from .options import SolverOptions, check_flag, check_real
 from .patterns import check_fraction
 from .timing import seconds_since
 
-SCORES = ("wanda", "magnitude")
+SCORES = ("wanda", "magnitude", "obs")
+#: ``score="obs"`` removes about this many chunks of units (per block) from a group, re-scoring after each.
+OBS_STEPS = 16
+#: ``score="obs"`` selects in this precision (the refit of the kept columns is float64 whatever the selection).
+OBS_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -164,13 +168,12 @@ def _prune(
     start = time.perf_counter()
     W = weight.detach().double()
     H = gram.to(torch.float64)
-    unit_scores = _unit_scores(W, H, units, n_units, score)
-    kept_units = (
-        _ranking(unit_scores, units_per_block)[: keep * (n_units // (units_per_block or n_units))].sort().values
-    )
+    B = W @ H if target is None else target.cross.to(W)  # Y Xᵀ
+    per_block = units_per_block or n_units
+    ranking = _rank_units(W, H, units, units_per_block, options, per_block - keep, None if target is None else B)
+    kept_units = ranking[: keep * (n_units // per_block)].sort().values
     kept = torch.isin(units, kept_units)
     kept_columns = torch.nonzero(kept).squeeze(1)
-    B = W @ H if target is None else target.cross.to(W)  # Y Xᵀ
     B_K = B[:, kept_columns]
     H_KK = H[kept_columns.unsqueeze(1), kept_columns]
     dropped_only = weight.detach()[:, kept_columns]
@@ -197,7 +200,7 @@ def _prune(
         if error > error_before:
             new_weight, error = dropped_only, error_before
     stats = {
-        "method": "fasp" if score == "wanda" else "fasp-magnitude",
+        "method": "fasp" if score == "wanda" else f"fasp-{score}",
         "ratio": 1 - kept_units.numel() / n_units,
         "rel_error_before": error_before,
         "rel_error": error,
@@ -241,7 +244,7 @@ def restoration_errors(
     units, n_units = _check(weight, gram, units, units_per_block)
     H = gram.detach() if gram.dtype == torch.float64 else gram.detach().float()
     W = weight.detach().to(H.dtype)
-    ranking = _ranking(_unit_scores(W, H, units, n_units, options.score), units_per_block)
+    ranking = _rank_units(W, H, units, units_per_block, options, (units_per_block or n_units) - 1)
     rank_of_unit = torch.empty_like(ranking)
     rank_of_unit[ranking] = torch.arange(n_units, device=ranking.device)
     order = rank_of_unit[units].argsort(stable=True)  # columns of the best unit first
@@ -266,6 +269,109 @@ def units_kept(units: int, ratio: float, multiple: int = 1) -> int:
     """How many of ``units`` units :func:`fasp` keeps at ``ratio``: ``⌊units·(1 − ratio)⌋`` rounded down to a
     multiple of ``multiple``, at least ``multiple`` (all ``units`` when there are fewer)."""
     return min(units, max(multiple, int(units * (1 - ratio)) // multiple * multiple))
+
+
+def _rank_units(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    units: torch.Tensor,
+    units_per_block: int | None,
+    options: FASPOptions,
+    remove: int,
+    cross: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unit ids from the best to the worst (rank-major with blocks, as :func:`_ranking`) by ``options.score``; for
+    ``"obs"`` the order of the ``remove`` worst units (per block) is the greedy removal order of :func:`_obs_removal`
+    (``cross``: ``Y Xᵀ`` of a target other than ``W X``), the kept ones come first in id order."""
+    n_units = int(units.max()) + 1
+    if options.score != "obs":
+        return _ranking(_unit_scores(W, H, units, n_units, options.score), units_per_block)
+    removed, alive = _obs_removal(W, H, units, units_per_block or n_units, remove, options.damp, cross)
+    blocks = alive.shape[0]
+    ids = torch.arange(n_units, device=W.device).reshape(blocks, -1)
+    kept = ids[alive].reshape(blocks, -1)
+    order = torch.cat([kept, removed.flip(1)], dim=1)  # best first in every block
+    return order.T.reshape(-1)
+
+
+def _obs_removal(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    units: torch.Tensor,
+    per_block: int,
+    remove: int,
+    damp: float,
+    cross: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy structured OBS: remove ``remove`` units from every block of ``per_block`` units, each time those whose
+    removal, with the rest refit by least squares, costs the least.
+
+    With ``Hd = H + damp · mean(diag H) · I``, ``P = Hd⁻¹`` and the weights ``V`` fitted so far (``W``, or the best
+    full fit ``(Y Xᵀ) P`` for a ``cross`` target), removing the columns S of a unit costs ``tr(V_S (P_SS)⁻¹ V_Sᵀ)``
+    on ``||V X − V' X||²`` (the ``Hd`` metric) once the other columns are refit. After each chunk of
+    ``⌈remove / OBS_STEPS⌉`` units per block (the cheapest of each block, scored together) the refit and the inverse
+    are updated in closed form: ``V ← V − V_S (P_SS)⁻¹ P_S:`` and ``P ← P − P_:S (P_SS)⁻¹ P_S:``. In
+    :data:`OBS_DTYPE`.
+
+    Returns:
+        ``removed [blocks, remove]``, each block's unit ids in removal order (the cheapest first), and ``alive
+        [blocks, per_block]``, True for the units kept.
+    """
+    H = H.to(OBS_DTYPE)
+    P_factor, _ = escalate_damping(partial(_damped_cholesky, H), damp, "gram")
+    P = torch.cholesky_inverse(P_factor)
+    V = W.to(OBS_DTYPE, copy=True) if cross is None else cross.to(OBS_DTYPE) @ P
+    n_units = int(units.max()) + 1
+    blocks = n_units // per_block
+    columns, valid = _unit_columns(units, n_units)
+    alive = torch.ones(blocks, per_block, dtype=torch.bool, device=W.device)
+    removed = []
+    chunk = max(1, -(-remove // OBS_STEPS))
+    done = 0
+    while done < remove:
+        take = min(chunk, remove - done)
+        costs = _obs_costs(V, P, columns, valid).masked_fill(~alive.reshape(-1), float("inf"))
+        chosen = costs.reshape(blocks, per_block).topk(take, dim=1, largest=False).indices  # cheapest first
+        chosen = chosen + torch.arange(blocks, device=W.device).unsqueeze(1) * per_block
+        S = columns[chosen.reshape(-1)][valid[chosen.reshape(-1)]]
+        step = torch.linalg.solve(P[S.unsqueeze(1), S], P[S])  # (P_SS)⁻¹ P_S:  [|S|, n]
+        V -= V[:, S] @ step
+        P -= P[:, S] @ step
+        V[:, S] = 0
+        P[S], P[:, S] = 0, 0
+        alive.view(-1)[chosen.reshape(-1)] = False
+        removed.append(chosen)
+        done += take
+    empty = torch.empty(blocks, 0, dtype=torch.long, device=W.device)
+    return torch.cat(removed, dim=1) if removed else empty, alive
+
+
+def _unit_columns(units: torch.Tensor, n_units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``columns [U, m]``: the columns of each unit, padded (with column 0) to the largest unit's ``m``; ``valid
+    [U, m]``: True where the entry is a real column."""
+    counts = torch.bincount(units, minlength=n_units)
+    order = units.argsort(stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(units.numel(), device=units.device) - starts[units[order]]
+    columns = torch.zeros(n_units, int(counts.max()), dtype=torch.long, device=units.device)
+    valid = torch.zeros_like(columns, dtype=torch.bool)
+    columns[units[order], position] = order
+    valid[units[order], position] = True
+    return columns, valid
+
+
+def _obs_costs(V: torch.Tensor, P: torch.Tensor, columns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``tr(V_S (P_SS)⁻¹ V_Sᵀ)`` for the columns S of every unit (``[U]``; removed units give garbage, the caller
+    masks them)."""
+    if columns.shape[1] == 1:
+        return V.pow(2).sum(0)[columns[:, 0]] / torch.diagonal(P)[columns[:, 0]].clamp(min=torch.finfo(P.dtype).tiny)
+    pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+    eye = torch.eye(columns.shape[1], dtype=P.dtype, device=P.device)
+    P_SS = torch.where(pair, P[columns.unsqueeze(2), columns.unsqueeze(1)], eye)  # padding: identity
+    V_S = V[:, columns].permute(1, 2, 0) * valid.unsqueeze(2)  # [U, m, out], padding: 0
+    solved, info = torch.linalg.solve_ex(P_SS, V_S)
+    costs = (V_S * solved).sum(dim=(1, 2))
+    return costs.masked_fill(info != 0, float("inf"))
 
 
 def _unit_scores(W: torch.Tensor, H: torch.Tensor, units: torch.Tensor, n_units: int, score: str) -> torch.Tensor:
