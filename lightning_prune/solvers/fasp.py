@@ -6,8 +6,11 @@ Removing column j of L together with the rows that produce it removes a whole un
 
 Columns are grouped into *units* that are removed together (a unit is one row of the earlier layer; with GQA one
 value channel feeds a column in each of the query heads sharing it). Unit u scores
-``s_u = Σ_{j ∈ u} sqrt(H_jj) · Σ_i |W_ij|`` (Wanda-style; ``score="magnitude"`` drops the ``sqrt(H_jj)`` factor).
-The lowest-scoring units are removed; the kept columns K of L are then refit to reproduce target outputs ``Y``:
+``s_u = Σ_{j ∈ u} sqrt(H_jj) · Σ_i |W_ij|`` (Wanda-style; ``score="magnitude"`` drops the ``sqrt(H_jj)`` factor)
+and the lowest-scoring units are removed; or, with ``score="obs"`` (structured OBS, as in ZipLM / SlimGPT), units
+are removed greedily by the error their removal leaves once the rest is refit (``tr(V_S (P_SS)⁻¹ V_Sᵀ)`` with
+``P`` the inverse of the damped gram, both updated after each chunk). The kept columns K of L are then refit to
+reproduce target outputs ``Y``:
 
     W'_K = argmin ||Y − W'_K X_K||² + λ ||W'_K − W_K||² = ((Y Xᵀ)_{:, K} + λ W_K) (H_KK + λI)⁻¹,
 
@@ -50,7 +53,9 @@ class FASPOptions(SolverOptions):
     """Options of :func:`fasp`, checked when built.
 
     Attributes:
-        score: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``) or ``"magnitude"`` (``Σ_i|W_ij|``).
+        score: how the removed units are chosen: ``"wanda"`` (default, the lowest ``sqrt(H_jj)·Σ_i|W_ij|``),
+            ``"magnitude"`` (``Σ_i|W_ij|``) or ``"obs"`` (greedy structured OBS: the units whose removal costs the
+            least error once the rest is refit, re-scored after each of about :data:`OBS_STEPS` chunks; slower).
         restore: refit the kept columns by least squares (default True); False only drops columns.
         damp: relative damping λ of the least-squares refit (default 0.1: it beat 0.01 on SmolLM2, see README).
     """
@@ -219,7 +224,8 @@ def restoration_errors(
 ) -> torch.Tensor:
     """The error ``||W X − W'_K X_K||²`` :func:`fasp` leaves at every number of kept units, from one factorisation.
 
-    The units kept at k are the k best by score (in every block), a nested family, so with the columns ordered by
+    The units kept at k are the k best by score (in every block; with ``score="obs"`` the last k of one greedy removal
+    down to one unit per block, an estimate of the solver's selection), a nested family, so with the columns ordered by
     unit rank the least-squares fit on the first c columns is read off one Cholesky factor ``L`` of the reordered,
     damped gram: ``||W X||² − ||L_c⁻¹ (H W ᵀ)_c||²`` (the leading ``c × c`` block of ``L`` factors ``H_cc``).
     Without ``restore`` the error is ``tr(W_D H_DD W_Dᵀ)`` of the dropped columns D (a trailing block), read off
@@ -306,9 +312,10 @@ def _obs_removal(
     """Greedy structured OBS: remove ``remove`` units from every block of ``per_block`` units, each time those whose
     removal, with the rest refit by least squares, costs the least.
 
-    With ``Hd = H + damp · mean(diag H) · I``, ``P = Hd⁻¹`` and the weights ``V`` fitted so far (``W``, or the best
-    full fit ``(Y Xᵀ) P`` for a ``cross`` target), removing the columns S of a unit costs ``tr(V_S (P_SS)⁻¹ V_Sᵀ)``
-    on ``||V X − V' X||²`` (the ``Hd`` metric) once the other columns are refit. After each chunk of
+    The objective is the refit's, ``||Y − W' X||² + λ ||W' − W||²`` with ``λ = damp · mean(diag H)``, which equals
+    ``(W' − V) Hd (W' − V)ᵀ`` plus a constant, with ``Hd = H + λI`` and ``V = (Y Xᵀ + λ W) Hd⁻¹`` the best full
+    fit (``V = W`` when ``Y = W X``, ``cross`` None). With ``P = Hd⁻¹`` and ``V`` the fit so far, removing the
+    columns S of a unit costs ``tr(V_S (P_SS)⁻¹ V_Sᵀ)`` once the other columns are refit. After each chunk of
     ``⌈remove / OBS_STEPS⌉`` units per block (the cheapest of each block, scored together) the refit and the inverse
     are updated in closed form: ``V ← V − V_S (P_SS)⁻¹ P_S:`` and ``P ← P − P_:S (P_SS)⁻¹ P_S:``. In
     :data:`OBS_DTYPE`.
@@ -317,10 +324,10 @@ def _obs_removal(
         ``removed [blocks, remove]``, each block's unit ids in removal order (the cheapest first), and ``alive
         [blocks, per_block]``, True for the units kept.
     """
-    H = H.to(OBS_DTYPE)
-    P_factor, _ = escalate_damping(partial(_damped_cholesky, H), damp, "gram")
+    H, W = H.to(OBS_DTYPE), W.to(OBS_DTYPE, copy=True)
+    P_factor, damp = escalate_damping(partial(_damped_cholesky, H), damp, "gram")
     P = torch.cholesky_inverse(P_factor)
-    V = W.to(OBS_DTYPE, copy=True) if cross is None else cross.to(OBS_DTYPE) @ P
+    V = W if cross is None else (cross.to(OBS_DTYPE) + damp * _mean_diagonal(H) * W) @ P
     n_units = int(units.max()) + 1
     blocks = n_units // per_block
     columns, valid = _unit_columns(units, n_units)
@@ -393,19 +400,23 @@ def _ranking(scores: torch.Tensor, units_per_block: int | None) -> torch.Tensor:
     return (blocks.argsort(dim=1, descending=True, stable=True) + offsets).T.reshape(-1)
 
 
+def _mean_diagonal(H: torch.Tensor) -> float:
+    """``mean(diag H)`` (negative entries as 0), the scale of the damping; 1 when it is 0."""
+    mean_diag = float(torch.diagonal(H).clamp(min=0).mean())
+    return mean_diag if mean_diag > 0 else 1.0
+
+
 def _damped_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor | None:
     """Lower Cholesky factor of ``H + damp · mean(diag H) · I``, or None when the factorisation fails."""
-    mean_diag = float(torch.diagonal(H).clamp(min=0).mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    L, info = torch.linalg.cholesky_ex(H + damp * (mean_diag if mean_diag > 0 else 1.0) * eye)
+    L, info = torch.linalg.cholesky_ex(H + damp * _mean_diagonal(H) * eye)
     return None if int(info) else L
 
 
 def _least_squares(B_K: torch.Tensor, H_KK: torch.Tensor, W_K: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """``((Y Xᵀ)_{:,K} + λ W_K) (H_KK + λI)⁻¹`` by Cholesky (fp64 inputs, fp32 result), escalating ``damp`` ×10 on
     failure."""
-    mean_diag = float(torch.diagonal(H_KK).clamp(min=0).mean())
-    scale = mean_diag if mean_diag > 0 else 1.0
+    scale = _mean_diagonal(H_KK)
 
     def solve(damp: float) -> torch.Tensor | None:
         L = _damped_cholesky(H_KK, damp)
