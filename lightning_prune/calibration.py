@@ -143,10 +143,21 @@ class _BatchState:
     Attributes:
         mask: bool ``[batch, seq]`` valid-token mask of the batch.
         pending: names of the hooked layers not yet reached on this batch (only tracked with ``stop_early``).
+        first: whether this is the first batch (where the layers reading one input are found).
+        last_input: the input of the last hooked layer run on this batch; holding it keeps it alive, so ``is``
+            tells exactly whether the next layer reads the very same tensor; ``last_version``: its version counter
+            then (a tensor modified in place in between is not the same input any more).
+        last_name: that layer's name.
+        diverged: set when layers that read one input on the first batch do not on a later one.
     """
 
     mask: torch.Tensor | None = None
     pending: set[str] | None = None
+    first: bool = True
+    last_input: torch.Tensor | None = None
+    last_version: int | None = None
+    last_name: str | None = None
+    diverged: bool = False
 
 
 class _GramsCollected(Exception):
@@ -292,8 +303,15 @@ def collect_grams(
     device: torch.device,
     dtype: torch.dtype,
     stop_early: bool = False,
+    any_process: Callable[[bool], bool] | None = None,
 ) -> dict[str, GramAccumulator]:
     """Run ``block`` over every batch with hooks accumulating the grams of ``layers``; remove the hooks.
+
+    Layers that read the very same input tensor (LLaMA's q/k/v and gate/up, OPT's q/k/v) get the same
+    :class:`GramAccumulator` object, accumulated once: the gram each would have accumulated alone, bit for bit
+    (:func:`shared_inputs` lists them). Which layers share is found on the first batch and checked on every
+    later one; should a later batch route inputs differently, the block is run again with every layer accumulated
+    alone.
 
     Args:
         block: the decoder block; ``layers`` are modules inside it, ``{full name: module}``.
@@ -302,36 +320,80 @@ def collect_grams(
         dtype: gram accumulation dtype.
         stop_early: abort each batch's forward once every layer has seen its input (default False: run the whole
             block). Only for callers that discard the block's output: the layers themselves are not run then.
+        any_process: with several processes accumulating their shares of the batches, a function that tells
+            whether any of them saw inputs routed differently (given this process's answer; every process calls
+            it once), so that all of them run the block again or none; default None: this process alone.
 
     Raises:
         ValueError: naming the layer, when a valid token's activation at its input was NaN or Inf (checked once,
             on each gram after the last batch: no host synchronisation per batch).
     """
+    grams, diverged = _collect_grams(block, layers, inputs, device, dtype, stop_early, share=True)
+    if any_process(diverged) if any_process is not None else diverged:
+        grams, _ = _collect_grams(block, layers, inputs, device, dtype, stop_early, share=False)
+    return grams
+
+
+def shared_inputs(grams: Mapping[str, GramAccumulator]) -> list[list[str]]:
+    """The layer names of ``grams`` grouped by accumulator (layers reading one input share it), in order."""
+    groups: dict[int, list[str]] = {}
+    for name, gram in grams.items():
+        groups.setdefault(id(gram), []).append(name)
+    return list(groups.values())
+
+
+def _collect_grams(
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: list[CalibrationBatch],
+    device: torch.device,
+    dtype: torch.dtype,
+    stop_early: bool,
+    share: bool,
+) -> tuple[dict[str, GramAccumulator], bool]:
+    """:func:`collect_grams` with ``share``: let layers that read one input share an accumulator. Returns the grams
+    and whether a later batch routed inputs differently from the first (the shared grams are then wrong)."""
     state = _BatchState()
-    grams = {}
+    grams = {
+        name: GramAccumulator(name, in_features(module), module.weight.device, dtype) for name, module in layers.items()
+    }
+    owners: dict[str, str] = {}  # layer name -> name of the layer whose accumulator it uses
     handles = []
     try:
         for name, module in layers.items():
-            grams[name] = GramAccumulator(name, in_features(module), module.weight.device, dtype)
-            handles.append(module.register_forward_pre_hook(_gram_hook(name, grams[name], state)))
-        for batch in inputs:
+            handles.append(module.register_forward_pre_hook(_gram_hook(name, grams, owners, state, share)))
+        for index, batch in enumerate(inputs):
             state.mask = batch.valid.to(device)
             state.pending = set(layers) if stop_early else None
+            state.first = index == 0
             try:
                 batch.run(block, device)
             except _GramsCollected:
                 pass
+            state.last_input = state.last_name = None
     finally:
         for handle in handles:
             handle.remove()
-    for gram in grams.values():
-        gram.check_finite()
-    return grams
+    for name in dict.fromkeys(owners.get(name, name) for name in layers):
+        grams[name].check_finite()
+    return {name: grams[owners.get(name, name)] for name in layers}, state.diverged
 
 
-def _gram_hook(name: str, gram: GramAccumulator, state: _BatchState) -> Callable[[nn.Module, tuple], None]:
+def _gram_hook(
+    name: str, grams: dict[str, GramAccumulator], owners: dict[str, str], state: _BatchState, share: bool
+) -> Callable[[nn.Module, tuple], None]:
     def hook(module: nn.Module, args: tuple) -> None:
-        gram.add(args[0], state.mask)
+        x = args[0]
+        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
+        same = share and x is state.last_input and version == state.last_version
+        owner = owners.get(state.last_name, state.last_name) if same else name
+        if state.first:
+            owners.setdefault(name, owner)
+        if owners.get(name, name) != owner:
+            state.diverged = True  # noted, not raised: every batch's forward runs to its end on every process
+        elif owner == name:
+            grams[name].add(x, state.mask)
+        state.last_input, state.last_version, state.last_name = x, version, name
         if state.pending is not None:
             state.pending.discard(name)
             if not state.pending:

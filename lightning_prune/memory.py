@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .architectures import LayerSelection, attention_heads, find_blocks, weight_view
+from .architectures import LayerSelection, attention_heads, default_sequential_targets, find_blocks, weight_view
 from .calibration import GRAM_DTYPE_NAMES, OFFLOAD_CHOICES
 from .solvers.objective import ERROR_TILE_BYTES
 
@@ -294,7 +294,9 @@ class _ModelShape:
     heads: int
     kv_heads: int
     head_dim: int
-    groups: tuple[tuple[tuple[str, int, int], ...], ...]  # one block's groups of (short name, out, in)
+    #: one block's groups, each split into the layers that read one input (they share a gram; ALPS solves them
+    #: stacked), each layer ``(short name, out, in)``
+    groups: tuple[tuple[tuple[tuple[str, int, int], ...], ...], ...]
     pruned_blocks: int
 
     @classmethod
@@ -308,11 +310,19 @@ class _ModelShape:
         plan = LayerSelection(true_sequential=true_sequential).plan(model)
         pruned = [index for index, groups in enumerate(plan) if groups]
         prefix = f"{path}.{pruned[-1]}."
-        groups = tuple(
-            tuple((name.removeprefix(prefix), *weight_view(module).shape) for name, module in group.items())
-            for group in plan[pruned[-1]]
-        )
-        widths = [size for group in groups for _, out, in_ in group for size in (out, in_)]
+        # layers that read one input are those of one of the family's true-sequential groups (q/k/v, gate/up)
+        shared = LayerSelection(true_sequential=True).plan(model) if default_sequential_targets(model) else None
+        input_of = {name: number for number, group in enumerate(shared[pruned[-1]] if shared else []) for name in group}
+
+        def by_input(group: dict[str, torch.nn.Module]) -> tuple[tuple[tuple[str, int, int], ...], ...]:
+            inputs: dict[object, list[tuple[str, int, int]]] = {}
+            for name, module in group.items():
+                out, in_ = weight_view(module).shape
+                inputs.setdefault(input_of.get(name, name), []).append((name.removeprefix(prefix), out, in_))
+            return tuple(tuple(layers) for layers in inputs.values())
+
+        groups = tuple(by_input(group) for group in plan[pruned[-1]])
+        widths = [size for group in groups for layers in group for _, out, in_ in layers for size in (out, in_)]
         heads, kv_heads, head_dim = attention_heads(config)
         return cls(
             parameters=sum(p.numel() for p in model.parameters()),
@@ -352,7 +362,7 @@ class _Estimator:
             on_device_weights = weights // self.devices + s.block_parameters * bw  # the block being worked on
         activations = self.local_batches * (self.t * s.hidden * bw + self._kwargs_bytes())
         runtime = RUNTIME_HOST_BYTES + (CUDA_HOST_BYTES if self.on_gpu else 0)
-        block_linear = sum(out * in_ for group in s.groups for _, out, in_ in group)
+        block_linear = sum(out * in_ for group in s.groups for layers in group for _, out, in_ in layers)
         rollback_per_weight = self._rollback_bytes_per_weight()
         earlier = (s.pruned_blocks - 1) * block_linear  # pruned before the last pruned block
         resident = on_device_weights + optimizer  # on the GPU throughout (or in host memory with device="cpu")
@@ -372,34 +382,38 @@ class _Estimator:
         add("capture", kept + 2 * batch, stored, max(batch, s.largest_parameter * bw), "calibration activations")
         done = earlier
         for group in s.groups:
-            done += sum(out * in_ for _, out, in_ in group)
+            layers = [layer for shared in group for layer in shared]
+            done += sum(out * in_ for _, out, in_ in layers)
             host = stored + done * rollback_per_weight + done // 8
-            grams = [in_ * in_ * self.gb for _, _, in_ in group]
-            forward, forward_largest = self._forward_bytes(hooked=max(in_ for _, _, in_ in group))
-            names = [name.rsplit(".", 1)[-1] for name, _, _ in group]
+            grams = [shared[0][2] ** 2 * self.gb for shared in group]  # one per input
+            forward, forward_largest = self._forward_bytes(hooked=max(in_ for _, _, in_ in layers))
+            names = [name.rsplit(".", 1)[-1] for name, _, _ in layers]
             add(
                 f"grams {names[0]}" + (f"…{names[-1]} ({len(names)} layers)" if len(names) > 1 else ""),
                 kept + sum(grams) + forward,
                 host,
                 max(grams + [forward_largest]),
-                "grams + one batch's forward through the block",
+                "grams (one per input) + one batch's forward through the block",
             )
-            for position, (name, out, in_) in enumerate(group):
+            received = 0
+            if self.devices > 1:  # results of the whole group arrive before they are written
+                received = sum(o * i * (bw + 1) for _, o, i in layers)
+            gathered = 0
+            if self.zero == 3:  # read_weights clones the group's gathered weights
+                gathered = sum(o * i * bw for _, o, i in layers)
+            for position, shared in enumerate(group):
                 alive = sum(grams) if self.devices > 1 else sum(grams[position:])
-                workspace, largest = self._solver_bytes(out, in_)
-                received = 0
-                if self.devices > 1:  # results of the whole group arrive before they are written
-                    received = sum(o * i * (bw + 1) for _, o, i in group)
-                gathered = 0
-                if self.zero == 3:  # read_weights clones the group's gathered weights
-                    gathered = sum(o * i * bw for _, o, i in group)
-                add(
-                    f"solve {name.rsplit('.', 1)[-1]}",
-                    kept + alive + gathered + max(workspace, received),
-                    host,
-                    max(largest, grams[position]),
-                    f"{self.method} workspace for [{out}, {in_}] + grams not yet solved",
-                )
+                # ALPS solves the layers of one input as one stacked problem, the others one layer at a time
+                for solved in [shared] if self.method == "alps" else [[layer] for layer in shared]:
+                    out, in_ = sum(o for _, o, _ in solved), solved[0][2]
+                    workspace, largest = self._solver_bytes(out, in_)
+                    add(
+                        "solve " + "+".join(name.rsplit(".", 1)[-1] for name, _, _ in solved),
+                        kept + alive + gathered + max(workspace, received),
+                        host,
+                        max(largest, grams[position]),
+                        f"{self.method} workspace for [{out}, {in_}] + grams not yet solved",
+                    )
         propagate, propagate_largest = self._forward_bytes(hooked=0)
         before = stored + batch + earlier * rollback_per_weight + earlier // 8  # after the block before the last
         add("propagate", kept + propagate, before, propagate_largest, "one batch's forward, outputs stored")

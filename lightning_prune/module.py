@@ -14,11 +14,13 @@ from typing_extensions import override
 
 from . import structured  # noqa: F401  (registers the slimmed *_fasp model types, so FASP exports load)
 from .distributed.zero import outside_zero_init
-from .embedded import resolve_pretrained
+from .dtypes import native_dtype
+from .embedded import EMBEDDED_PREFIX, SMOLLM2_DTYPE, resolve_pretrained
 from .evaluation import TokenPerplexity, token_nll
 
-#: Accepted ``dtype`` values: a torch floating dtype name, or ``"auto"`` (the dtype stored in the checkpoint).
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: Accepted ``dtype`` values: a torch floating dtype name, ``"auto"`` (the dtype the model was published in) or
+#: ``"native"`` (that dtype where the device multiplies it natively, else float32).
+DTYPES = ("float32", "bfloat16", "float16", "auto", "native")
 
 
 def _linear_warmup(step: int, warmup_steps: int) -> float:
@@ -54,8 +56,12 @@ class CausalLMModule(LightningModule):
         model_name_or_path: directory holding a ``transformers`` causal LM (``config.json`` + weights), a hub
             name when the hub is reachable, or ``"embedded:smollm2"`` for the embedded SmolLM2-135M (see
             :func:`~lightning_prune.embedded.resolve_embedded`; the saved hyperparameter keeps the portable name).
-        dtype: parameter dtype to load the model in, one of ``"float32"`` (default), ``"bfloat16"``, ``"float16"``
-            or ``"auto"`` (the dtype stored in the checkpoint). A string so that YAML configs can set it.
+        dtype: parameter dtype to load the model in, one of ``"float32"`` (default), ``"bfloat16"``, ``"float16"``,
+            ``"auto"`` (the dtype the model was published in: the checkpoint's ``config.dtype``; bfloat16 for
+            ``embedded:smollm2``) or ``"native"`` (the ``"auto"`` dtype where the device the trainer runs on
+            multiplies it natively, i.e. GPUs and CPUs with AMX or AVX512-BF16 for bfloat16, else float32; see
+            :mod:`lightning_prune.dtypes`). Calibration for pruning runs in this dtype. A string so that YAML
+            configs can set it.
         learning_rate: AdamW peak learning rate (default ``1e-5``).
         weight_decay: AdamW decoupled weight decay (default ``0.0``), applied to matrices only
             (parameters with ≥ 2 dimensions); biases and norm scales are never decayed.
@@ -121,10 +127,25 @@ class CausalLMModule(LightningModule):
         if self.model is not None:
             return
         self.source_dtype = AutoConfig.from_pretrained(self._model_path).dtype
-        dtype = self.hparams.dtype if self.hparams.dtype == "auto" else getattr(torch, self.hparams.dtype)
+        dtype = self._load_dtype()
         with outside_zero_init():  # the DeepSpeed engine partitions the loaded model itself
             model = AutoModelForCausalLM.from_pretrained(self._model_path, dtype=dtype)
         self.model = model.train(self.training)  # from_pretrained returns eval mode; Lightning keeps modes as found
+
+    def _load_dtype(self) -> torch.dtype:
+        """The torch dtype the ``dtype`` argument names, resolving ``"auto"`` and ``"native"`` (after
+        :attr:`source_dtype` is read)."""
+        if self.hparams.dtype not in ("auto", "native"):
+            return getattr(torch, self.hparams.dtype)
+        if self.hparams.model_name_or_path == f"{EMBEDDED_PREFIX}smollm2":
+            published = SMOLLM2_DTYPE
+        else:
+            published = self.source_dtype or torch.float32
+            published = getattr(torch, published) if isinstance(published, str) else published
+        if self.hparams.dtype == "auto":
+            return published
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        return native_dtype(published, device)
 
     @override
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:

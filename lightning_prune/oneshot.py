@@ -14,8 +14,9 @@ callbacks (:mod:`lightning_prune.callbacks`) build it in their constructor and h
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from .distributed.parallel import Processes, processes_for
 from .distributed.zero import full_shape
 from .progress import INVALID_BLOCKS, PruningProgress, ResumeBlocks, fingerprint
 from .sensitivity import measure_layers
-from .sequential import LayerReport, Solve, prune_model
+from .sequential import LayerReport, Solve, SolveShared, prune_model
 from .solvers import METHODS
 from .solvers.options import SolverOptions
 from .solvers.patterns import NM, check_fraction, parse_nm
@@ -202,18 +203,41 @@ class OneShotOptions:
         pinned = self.override(name)
         return self.sparsity if pinned is None else pinned
 
-    def solve(self, name: str, weight: torch.Tensor, gram: torch.Tensor, tokens: int) -> PruneResult:
-        """Prune one layer (the driver's :data:`~lightning_prune.sequential.Solve`)."""
-        return METHODS[self.method].solve(weight, gram, self.layer_sparsity(name), self.nm, self.solver)
+    def solve(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        gram: torch.Tensor,
+        tokens: int,
+        sparsities: Mapping[str, float] | None = None,
+    ) -> PruneResult:
+        """Prune one layer (the driver's :data:`~lightning_prune.sequential.Solve`) at ``sparsities[name]`` when
+        given (an allocation's plan), else at :meth:`layer_sparsity`."""
+        sparsity = self.layer_sparsity(name) if sparsities is None else sparsities[name]
+        return METHODS[self.method].solve(weight, gram, sparsity, self.nm, self.solver)
 
-    def solve_at(self, sparsities: Mapping[str, float]) -> Solve:
-        """The driver's :data:`~lightning_prune.sequential.Solve` pruning each layer at ``sparsities[name]``."""
-        method = METHODS[self.method]
+    def solve_together(
+        self,
+        names: Sequence[str],
+        weights: Mapping[str, torch.Tensor],
+        gram: torch.Tensor,
+        tokens: int,
+        sparsities: Mapping[str, float] | None = None,
+    ) -> dict[str, PruneResult]:
+        """Prune layers that read the same input with the method's joint solve (the driver's
+        :data:`~lightning_prune.sequential.SolveShared`), each at its own sparsity, chosen as by :meth:`solve`."""
+        sparsity = self.layer_sparsity if sparsities is None else sparsities.__getitem__
+        solve_shared = METHODS[self.method].solve_shared
+        results = solve_shared(
+            [weights[name] for name in names], gram, [sparsity(n) for n in names], self.nm, self.solver
+        )
+        return dict(zip(names, results, strict=True))
 
-        def solve(name: str, weight: torch.Tensor, gram: torch.Tensor, tokens: int) -> PruneResult:
-            return method.solve(weight, gram, sparsities[name], None, self.solver)
-
-        return solve
+    def solvers(self, sparsities: Mapping[str, float] | None = None) -> tuple[Solve, SolveShared | None]:
+        """The driver's ``(solve, solve_shared)``: :meth:`solve` and :meth:`solve_together` (None when the method
+        has no joint solve), every layer at ``sparsities[name]`` when given, else at :meth:`layer_sparsity`."""
+        together = partial(self.solve_together, sparsities=sparsities)
+        return partial(self.solve, sparsities=sparsities), together if METHODS[self.method].solve_shared else None
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready record of the options (the solver's complete, with defaults), for metadata and resume."""
@@ -316,11 +340,13 @@ def prune_oneshot(
         else:
             open_directory()
         resume = ResumeBlocks(directory, model, processes)
+    solve, solve_shared = options.solvers(sparsities)
     try:
         return prune_model(
             model,
             batches,
-            options.solve if sparsities is None else options.solve_at(sparsities),
+            solve,
+            solve_shared=solve_shared,
             selection=options.selection,
             calibration=options.calibration,
             progress=progress,

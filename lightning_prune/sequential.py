@@ -10,13 +10,13 @@ Flow of :func:`prune_model`:
 3. Blocks after the last one with selected layers are never run.
 
 Memory (peak, besides the model itself): one block's calibration activations (see :mod:`lightning_prune.calibration`);
-the grams of the layers being solved, ``Σ in² × 4`` bytes (× 8 with ``gram_dtype=torch.float64``) on the layers'
-device: all selected layers of one block, or one true-sequential group, each freed once its layer is solved (with
-several processes, once the group is solved), and one solver's workspace; each result is written and dropped before
-the next solve. In CPU memory, for rollback and the report, a copy of every pruned layer's original weight (under
-ZeRO-3: of this process's partition only; with several processes and whole weights: on rank 0 only) and its mask,
-bit-packed (one bit per weight), kept until :func:`prune_model` returns. :mod:`lightning_prune.memory` estimates
-the peaks from a model's config.
+the grams of the layers being solved, ``Σ in² × 4`` bytes (× 8 with ``gram_dtype=torch.float64``; one gram per
+input: layers that read the same input share it) on the layers' device: all selected layers of one block, or one
+true-sequential group, each freed once its layers are solved (with several processes, once the group is solved),
+and one solver's workspace; each result is written and dropped before the next solve. In CPU memory, for rollback
+and the report, a copy of every pruned layer's original weight (under ZeRO-3: of this process's partition only; with
+several processes and whole weights: on rank 0 only) and its mask, bit-packed (one bit per weight), kept until
+:func:`prune_model` returns. :mod:`lightning_prune.memory` estimates the peaks from a model's config.
 
 The model may be in any dtype and on any device (or spread over devices); the driver does not move the model.
 Decoder blocks may return a tensor (transformers 5 LLaMA) or a tuple whose first item is the hidden states.
@@ -27,7 +27,7 @@ refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,6 +45,7 @@ from .calibration import (
     collect_grams,
     device_of,
     propagate,
+    shared_inputs,
 )
 from .distributed.parallel import DistributedPruningError, Processes
 from .distributed.zero import any_partitioned, release_gathered
@@ -61,6 +62,13 @@ Solve = Callable[[str, torch.Tensor, torch.Tensor, int], PruneResult]
 ``name`` is the layer's full name in the model; ``weight`` a detached view of its current weight (model dtype, on the
 layer's device; never modify it in place); ``gram`` the undamped ``H = Σ xᵀx`` over ``tokens`` valid calibration
 tokens (``gram_dtype``, same device).
+"""
+
+SolveShared = Callable[[Sequence[str], Mapping[str, torch.Tensor], torch.Tensor, int], Mapping[str, PruneResult]]
+"""``solve_shared(names, {name: weight [out, in]}, gram [in, in], tokens) -> {name: PruneResult}``.
+
+The layers ``names`` read the same input (q/k/v, gate/up), so ``gram`` is the gram of each of them: one damping,
+scaling or decomposition serves them all. Weights and gram as for :data:`Solve`.
 """
 
 
@@ -112,6 +120,7 @@ def prune_model(
     batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
     solve: Solve,
     *,
+    solve_shared: SolveShared | None = None,
     selection: LayerSelection = LayerSelection(),
     calibration: CalibrationOptions = CalibrationOptions(),
     progress: ProgressHook[PruneResult] | None = None,
@@ -138,6 +147,8 @@ def prune_model(
             ``input_ids`` and optionally ``attention_mask`` (1 = real token, 0 = padding; other keys are ignored),
             as a causal-LM dataloader yields. Padding tokens are excluded from every gram.
         solve: the layer solver, see :data:`Solve`.
+        solve_shared: the solver of layers that read the same input (found while their gram is accumulated, which
+            is done once for all of them), see :data:`SolveShared`; default None: ``solve`` on each of them.
         selection: which layers are pruned and in which groups (default: every linear layer of every block, each
             block's layers solved together).
         calibration: where activations live and how grams are summed (default: activations in CPU memory, float32
@@ -214,7 +225,7 @@ def prune_model(
                 for group in plan[index] if record is None else [layers]:
                     if record is None:
                         solved = _solve_group(
-                            solve, block, group, inputs, device, calibration, processes, index, rollback
+                            solve, solve_shared, block, group, inputs, device, calibration, processes, index, rollback
                         )
                     else:
                         solved = _recorded(record, group, rollback)
@@ -268,6 +279,7 @@ def _recorded(
 
 def _solve_group(
     solve: Solve,
+    solve_shared: SolveShared | None,
     block: nn.Module,
     layers: Mapping[str, nn.Module],
     inputs: list[CalibrationBatch],
@@ -279,42 +291,78 @@ def _solve_group(
 ) -> Iterator[tuple[str, PruneResult, int]]:
     """``(name, result, tokens)`` of each layer of one group of independent layer problems of ``block``.
 
-    Keeps each weight for rollback, collects the group's grams (summed over ``processes``), then solves the layers
-    here one at a time, each gram freed once its layer is solved (the caller writes each result before the next
-    solve), or shares them with ``processes`` (every result then arrives at once). Nothing of the group outlives the
-    iteration: the next group's grams are collected with this group's grams and results freed.
+    Keeps each weight for rollback, collects the group's grams (one per input: layers that read the same input share
+    it; summed over ``processes``), then solves here one task at a time, layers that read one input together by
+    ``solve_shared`` when given, every other layer alone by ``solve``, each gram freed once its layers are solved
+    (the caller writes each result before the next solve), or shares the tasks with ``processes`` (every result
+    then arrives at once). Nothing of the group outlives the iteration: the next group's grams are collected with
+    this group's grams and results freed.
     """
     with _agreed(processes, f"collecting the grams of block {block_index}"):
         for module in layers.values():
             rollback.keep_weight(module)
-        grams = collect_grams(block, dict(layers), inputs, device, calibration.gram_dtype)
+        # the gram pass's outputs are discarded: stop each batch once the layers have their inputs (not under
+        # ZeRO-3, whose parameter prefetching follows whole forward passes)
+        grams = collect_grams(
+            block,
+            dict(layers),
+            inputs,
+            device,
+            calibration.gram_dtype,
+            stop_early=not any_partitioned(block),
+            any_process=None if processes is None else processes.any_,
+        )
+    tasks = shared_inputs(grams) if solve_shared is not None else [[name] for name in grams]
     if processes is not None:
-        for gram in grams.values():
+        for names in tasks:
+            gram = grams[names[0]]
             processes.sum_(gram.H)
             gram.tokens = processes.sum_int(gram.tokens)
     tokens = {name: gram.tokens for name, gram in grams.items()}
     weights = read_weights(layers)
 
-    def solve_one(name: str) -> PruneResult:
-        return _solve_layer(solve, name, weights[name], grams.pop(name))
+    def solve_task(names: Sequence[str]) -> dict[str, PruneResult]:
+        gram = grams[names[0]]
+        for name in names:
+            del grams[name]
+        return _solve_layers(solve, solve_shared, {name: weights[name] for name in names}, gram)
 
     if processes is None:
-        for name in list(weights):
-            yield name, solve_one(name), tokens[name]
+        for names in tasks:
+            results = solve_task(names)
+            for name in names:
+                yield name, results.pop(name), tokens[name]
         return
-    results = processes.solve_shared(weights, solve_one, f"solving the layers of block {block_index}")
+    results = processes.solve_shared(weights, solve_task, tasks, f"solving the layers of block {block_index}")
     grams.clear()
     for name in list(results):
         yield name, results.pop(name), tokens[name]
 
 
-def _solve_layer(solve: Solve, name: str, weight: torch.Tensor, gram: GramAccumulator) -> PruneResult:
-    """Call ``solve`` on one layer (``weight``: its current ``[out, in]`` weight) and check its result."""
-    tokens = gram.tokens
-    if tokens == 0:
-        raise ValueError(f"layer {name} received no calibration token: the block's forward never calls it")
-    with full_precision(weight.device):
-        result = solve(name, weight, gram.H, tokens)
+def _solve_layers(
+    solve: Solve, solve_shared: SolveShared | None, weights: Mapping[str, torch.Tensor], gram: GramAccumulator
+) -> dict[str, PruneResult]:
+    """Solve the layers of ``weights`` (their current ``[out, in]`` weights), which all have ``gram`` (several: by
+    ``solve_shared``); check the results."""
+    names = list(weights)
+    if gram.tokens == 0:
+        raise ValueError(f"layer {names[0]} received no calibration token: the block's forward never calls it")
+    with full_precision(weights[names[0]].device):
+        if len(names) == 1:
+            results = {names[0]: solve(names[0], weights[names[0]], gram.H, gram.tokens)}
+        else:
+            shared = solve_shared(names, weights, gram.H, gram.tokens)
+            if not isinstance(shared, Mapping) or set(shared) != set(names):
+                got = sorted(shared) if isinstance(shared, Mapping) else type(shared).__name__
+                raise ValueError(f"solve_shared must return {{name: PruneResult}} for the layers {names}, got {got}")
+            results = {name: shared[name] for name in names}
+    for name, result in results.items():
+        _check_result(name, weights[name], result)
+    return results
+
+
+def _check_result(name: str, weight: torch.Tensor, result: PruneResult) -> None:
+    """Raise ``ValueError`` naming layer ``name`` unless ``result`` is a finite PruneResult shaped like ``weight``."""
     if not isinstance(result, PruneResult):
         raise ValueError(f"solve must return a PruneResult for layer {name}, got {type(result).__name__}")
     shape = tuple(weight.shape)
@@ -325,4 +373,3 @@ def _solve_layer(solve: Solve, name: str, weight: torch.Tensor, gram: GramAccumu
         )
     if not bool(torch.isfinite(result.weight).all()):
         raise ValueError(f"solve returned a weight with NaN or Inf for layer {name}")
-    return result

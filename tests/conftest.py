@@ -85,14 +85,20 @@ def family(request) -> str:
 
 @pytest.fixture
 def solved(monkeypatch):
-    """The names of the layers the one-shot solver (``OneShotOptions.solve``, used by ``oneshot`` and the one-shot
-    callbacks) is called on, in order: blocks restored from a ``resume_dir`` must not appear."""
+    """The names of the layers the one-shot solvers (``OneShotOptions.solve`` and, for layers sharing an input,
+    ``OneShotOptions.solve_together``, used by ``oneshot`` and the one-shot callbacks) are called on, in order:
+    blocks restored from a ``resume_dir`` must not appear."""
     names = []
-    solve = OneShotOptions.solve
+    solve, solve_together = OneShotOptions.solve, OneShotOptions.solve_together
 
-    def recording_solve(self, name, weight, gram, tokens):
+    def recording_solve(self, name, *args, **kwargs):
         names.append(name)
-        return solve(self, name, weight, gram, tokens)
+        return solve(self, name, *args, **kwargs)
+
+    def recording_solve_together(self, group, *args, **kwargs):
+        names.extend(group)
+        return solve_together(self, group, *args, **kwargs)
 
     monkeypatch.setattr(OneShotOptions, "solve", recording_solve)
+    monkeypatch.setattr(OneShotOptions, "solve_together", recording_solve_together)
     return names

@@ -198,14 +198,16 @@ def test_admm_reads_the_support_change_once_per_rho_update():
     G = B0 @ (Q * mu) @ Q.T
     threshold = B0.abs().median()
 
-    def project(U):  # no host read of its own
-        return U.abs() >= threshold
+    def project(scores):  # no host read of its own
+        return scores >= threshold
 
+    layer = alps_module._Layer(slice(0, 6), project, rho=1.0)
+    options = alps_module.ALPSOptions(max_iter=12, update_every=4, schedule="paper")
     with _Outputs() as ops:
-        _, _, history, _, iterations, restarts = alps_module._admm(G @ Q, Q, mu, B0, project, 1.0, 12, 4)
+        alps_module._admm(G @ Q, Q, mu, B0, [layer], options)
     reads = [func for func, _ in ops.calls if func is torch.ops.aten._local_scalar_dense.default]
-    assert iterations >= 8  # reading the change at every iteration would take more reads than allowed here
-    assert len(reads) <= (restarts + 1) * (1 + 12 // 4)  # the support size once, then one read per update
+    assert layer.iterations >= 8  # reading the change at every iteration would take more reads than allowed here
+    assert len(reads) <= (layer.restarts + 1) * (1 + 12 // 4)  # the support size once, then one read per update
 
 
 def test_gram_and_solves_keep_full_precision_in_a_lower_precision_context(tiny_model, calibration_batches):
@@ -246,7 +248,7 @@ def test_driver_frees_each_gram_once_solved_and_a_group_before_the_next(monkeypa
     def tracking_collect(*args, **kwargs):
         dead_at_collect.append(all(ref() is None for ref in grams + results))
         collected = collect(*args, **kwargs)
-        grams.extend(weakref.ref(gram) for gram in collected.values())
+        grams.extend(weakref.ref(gram) for gram in {id(gram): gram for gram in collected.values()}.values())
         return collected
 
     def solve(name, weight, gram, tokens):
@@ -258,8 +260,13 @@ def test_driver_frees_each_gram_once_solved_and_a_group_before_the_next(monkeypa
     monkeypatch.setattr(sequential, "collect_grams", tracking_collect)
     prune_model(tiny_model("llama"), calibration_batches(), solve, selection=LayerSelection(true_sequential=True))
     assert dead_at_collect == [True] * 8  # 2 blocks × 4 groups: nothing of the previous group is alive
-    # q/k/v then o, gate/up, down: within a group each solved layer's gram is gone before the next solve
-    assert alive_at_solve == [3, 2, 1, 1, 2, 1, 1] * 2
+    assert alive_at_solve == [1] * 14  # q/k/v share one gram, gate/up another
+    assert all(ref() is None for ref in grams + results)
+    dead_at_collect.clear(), alive_at_solve.clear()
+    prune_model(tiny_model("llama"), calibration_batches(), solve)
+    assert dead_at_collect == [True] * 2
+    # grams q/k/v, o, gate/up, down: each is gone once the last layer reading it is solved, before the next solve
+    assert alive_at_solve == [4, 4, 4, 3, 2, 2, 1] * 2
     assert all(ref() is None for ref in grams + results)
 
 

@@ -249,10 +249,11 @@ class ALPSPruningCallback(OneShotPruningCallback):
     Args:
         sparsity: fraction of each layer's weights removed, in [0, 1).
         mask_structure: ``"0:0"`` (default, unstructured) or ``"n:m"`` (n kept of every m, e.g. ``"2:4"``).
-        rho0, max_iter, update_every, cg_iter, damp, per_row: the solver's options, with its defaults (see
-            :class:`~lightning_prune.solvers.ALPSOptions`: initial ADMM penalty, iteration cap, iterations between
-            ρ updates, conjugate-gradient refit iterations (0 skips the refit), relative damping, per-row
-            comparison).
+        rho0, max_iter, update_every, cg_iter, damp, per_row, schedule, stack: the solver's options, with its
+            defaults (see :class:`~lightning_prune.solvers.ALPSOptions`: initial ADMM penalty, iteration cap,
+            iterations between ρ updates, conjugate-gradient refit iterations (0 skips the refit), relative
+            damping, per-row comparison, ρ schedule (``"fast"`` or ``"paper"``), one stacked problem for the layers
+            that read the same input).
         **kwargs: the other arguments of :class:`OneShotPruningCallback` (``targets``, ``evaluate``, …).
     """
 
@@ -266,10 +267,12 @@ class ALPSPruningCallback(OneShotPruningCallback):
         cg_iter: int = ALPSOptions.cg_iter,
         damp: float = ALPSOptions.damp,
         per_row: bool = ALPSOptions.per_row,
+        schedule: str = ALPSOptions.schedule,
+        stack: bool = ALPSOptions.stack,
         **kwargs: Any,
     ) -> None:
         options = dict(rho0=rho0, max_iter=max_iter, update_every=update_every, cg_iter=cg_iter, damp=damp)
-        options["per_row"] = per_row
+        options.update(per_row=per_row, schedule=schedule, stack=stack)
         super().__init__("alps", sparsity, mask_structure, solver_options=options, **kwargs)
 
 

@@ -142,6 +142,10 @@ class Processes:
         """Sum of an integer over the processes."""
         return int(self.sum_(torch.tensor([value], dtype=torch.float64)).item())
 
+    def any_(self, flag: bool) -> bool:
+        """Whether ``flag`` is True on any of the processes."""
+        return self.sum_int(int(flag)) > 0
+
     def assign(self, costs: Mapping[str, float]) -> dict[str, int]:
         """``{task: owner rank}``: each task goes to the least loaded process, largest tasks first (deterministic)."""
         loads = [(0.0, rank) for rank in range(self.world_size)]
@@ -232,28 +236,35 @@ class Processes:
     def solve_shared(
         self,
         weights: Mapping[str, torch.Tensor],
-        solve: Callable[[str], PruneResult],
+        solve: Callable[[Sequence[str]], Mapping[str, PruneResult]],
+        tasks: Sequence[Sequence[str]],
         doing: str,
     ) -> dict[str, PruneResult]:
-        """Solve independent layer problems together: each on one process, every result on every process.
+        """Solve independent layer problems together: each task on one process, every result on every process.
 
-        Each process solves the layers :meth:`assign` gives it (cost ``out · in² + in³``), the processes
-        :meth:`agree` that every solve succeeded, and each result is broadcast from its owner, its stats extended
-        with the owner's ``rank``.
+        Each process solves the tasks :meth:`assign` gives it (cost ``Σ out · in² + in³`` over a task's layers:
+        their iterations, and one decomposition of the gram they share), the processes :meth:`agree` that every
+        solve succeeded, and each result is broadcast from its owner, its stats extended with the owner's ``rank``.
 
         Args:
             weights: ``{name: current weight [out, in]}``, the same layers on every process (the results take their
                 shapes, dtypes and devices).
-            solve: ``solve(name) -> PruneResult`` for one layer.
+            solve: ``solve(names) -> {name: PruneResult}`` for one task.
+            tasks: the layer names of ``weights`` in groups solved together (e.g. layers that read one input).
             doing: what is being solved, for the error message (e.g. ``"solving the layers of block 3"``).
         """
-        costs = {name: float(w.shape[0] * w.shape[1] ** 2 + w.shape[1] ** 3) for name, w in weights.items()}
-        owners = self.assign(costs)
+        costs = {
+            names[0]: float(sum(weights[name].shape[0] for name in names) * weights[names[0]].shape[1] ** 2)
+            + float(weights[names[0]].shape[1] ** 3)
+            for names in tasks
+        }
+        task_owners = self.assign(costs)
+        owners = {name: task_owners[names[0]] for names in tasks for name in names}
         mine, error = {}, None
         try:
-            for name in weights:
-                if owners[name] == self.rank:
-                    mine[name] = solve(name)
+            for names in tasks:
+                if owners[names[0]] == self.rank:
+                    mine.update(solve(names))
         except Exception as caught:  # re-raised on every process by agree()
             error = caught
         self.agree(error, doing)

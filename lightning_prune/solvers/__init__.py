@@ -1,6 +1,7 @@
 """Pure-tensor layer solvers: ``f(weight [out, in], gram [in, in], sparsity=None, *, nm=None, **options)``.
 
-Each returns a :class:`PruneResult` (new weight, bool mask of kept entries, stats). See
+Each returns a :class:`PruneResult` (new weight, bool mask of kept entries, stats); :func:`alps_shared` prunes
+layers that read the same input (q/k/v, gate/up) with one decomposition of their gram. See
 :mod:`lightning_prune.solvers.patterns` for the sparsity semantics and :data:`METHODS` for each method's options
 class. :func:`fasp` is the structured counterpart: it removes whole input columns of a layer (with the rows of the
 earlier layers feeding them) and returns a :class:`ColumnPruneResult`; an :class:`OutputTarget` makes it refit
@@ -8,7 +9,7 @@ towards other outputs (the dense model's), :func:`restoration_errors` gives its 
 here imports Lightning or transformers.
 """
 
-from .alps import ALPSOptions, alps
+from .alps import ALPSOptions, alps, alps_shared
 from .fasp import ColumnPruneResult, FASPOptions, OutputTarget, fasp, restoration_errors, units_kept
 from .magnitude import MagnitudeOptions, magnitude
 from .methods import METHODS, Method
@@ -33,6 +34,7 @@ __all__ = [
     "SparseGPTOptions",
     "WandaOptions",
     "alps",
+    "alps_shared",
     "check_mask",
     "fasp",
     "magnitude",
