@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_prune.gram import GramAccumulator
+from lightning_prune.gram import TRIANGLE_MIN_FEATURES, GramAccumulator
 
 
 def test_streaming_sum_equals_one_shot_gram():
@@ -93,3 +93,20 @@ def test_float64_grams_do_not_depend_on_batch_order_or_on_a_split_into_summed_ac
     assert torch.equal(forward.H, halves[0].H + halves[1].H)
     exact = sum(x.double().T @ x.double() for x in batches)
     torch.testing.assert_close(forward.H, exact, rtol=1e-6, atol=1e-6 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_inputs_accumulate_the_upper_triangle_and_mirror_it(dtype):
+    width = TRIANGLE_MIN_FEATURES + 37  # bands of unequal width: the last one is narrower
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 24, width, generator=generator) for _ in range(3)]
+    acc = GramAccumulator("wide", width, dtype=dtype)
+    for x in batches:
+        acc.add(x)
+    rows = torch.cat([x.reshape(-1, width) for x in batches]).double()
+    assert torch.equal(acc.H, acc.H.T)  # every entry below the diagonal blocks is the mirrored one above
+    torch.testing.assert_close(acc.H.double(), rows.T @ rows, rtol=1e-5, atol=1e-4)
+    narrow = GramAccumulator("narrow", TRIANGLE_MIN_FEATURES - 1)
+    x = torch.randn(48, TRIANGLE_MIN_FEATURES - 1, generator=generator)
+    narrow.add(x)
+    assert torch.equal(narrow.H, torch.zeros_like(narrow.H).addmm_(x.T, x))  # one full product, as before
