@@ -12,7 +12,9 @@ at ``target_fraction=level``, the calibration windows batched 8 at a time:
 * ``magnitude``: column-magnitude scores, no restoration (the classic structured baseline);
 * each new option added to ``before`` alone and together, so the gain of each is visible: ``dense-target``
   (``restore_target="dense"``), ``allocation`` (``allocation="error"``), ``both``; ``damp-0.01`` is ``fasp``
-  with the damping ``before`` used (a tenth of the default).
+  with the damping ``before`` used (a tenth of the default);
+* on top of the defaults: ``obs`` (units chosen by structured OBS, ``score="obs"``), ``obs-allocation`` (and error
+  allocation), ``allocation-defaults`` (error allocation alone).
 
 ``--variants`` runs a subset (every level runs the same ones).
 
@@ -69,6 +71,9 @@ VARIANTS = {  # name -> fasp_prune options
     "allocation": {**BEFORE, "allocation": "error"},
     "both": {**BEFORE, "restore_target": "dense", "allocation": "error"},
     "damp-0.01": {"damp": 0.01},
+    "obs": {"score": "obs"},
+    "obs-allocation": {"score": "obs", "allocation": "error"},
+    "allocation-defaults": {"allocation": "error"},
 }
 DEFAULTS = {
     "windows": 64,
@@ -235,14 +240,14 @@ def summarize(
 
 def format_rows(dense_ppl: float, dense_params: int, rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'variant':<14} {'level':>5} {'cal':>4} {'ppl':>8} {'x norest':>8} {'x dense':>7} {'prune_s':>8} "
+        f"{'variant':<19} {'level':>5} {'cal':>4} {'ppl':>8} {'x norest':>8} {'x dense':>7} {'prune_s':>8} "
         f"{'params':>11} {'removed':>7} {'attention':>9} {'mlp':>10}",
-        f"{'dense':<14} {'-':>5} {'-':>4} {dense_ppl:>8.3f} {'-':>8} {'-':>7} {'-':>8} {dense_params:>11,} {'-':>7}",
+        f"{'dense':<19} {'-':>5} {'-':>4} {dense_ppl:>8.3f} {'-':>8} {'-':>7} {'-':>8} {dense_params:>11,} {'-':>7}",
     ]
     for row in rows:
         attention, mlp = row["width_range"]["attention"], row["width_range"]["mlp"]
         lines.append(
-            f"{row['variant']:<14} {row['level']:>5.0%} {row['windows']:>4} {row['ppl']:>8.3f} "
+            f"{row['variant']:<19} {row['level']:>5.0%} {row['windows']:>4} {row['ppl']:>8.3f} "
             f"{row.get('ppl_norestore_ratio', float('nan')):>8.3f} {row['ppl_dense_ratio']:>7.3f} "
             f"{row['prune_seconds']:>8.1f} {row['params']:>11,} {row['removed']:>7.4f} "
             f"{attention[0]:>4}-{attention[1]:<4} {mlp[0]:>5}-{mlp[1]:<4}"

@@ -15,10 +15,11 @@ def coupled_problem(out_features=24, n=32, tokens=256, seed=0):
     return W, X.T @ X, X
 
 
-def test_removing_a_unit_whose_column_is_zero_changes_nothing():
+@pytest.mark.parametrize("score", ["wanda", "obs"])
+def test_removing_a_unit_whose_column_is_zero_changes_nothing(score):
     W, H, X = coupled_problem()
     W[:, [3, 17]] = 0
-    result = fasp(W, H, 2 / 32)
+    result = fasp(W, H, 2 / 32, score=score)
     assert result.kept_columns.tolist() == [j for j in range(32) if j not in (3, 17)]
     assert result.stats["rel_error_before"] == 0
     restored = torch.zeros_like(W).index_copy_(1, result.kept_columns, result.weight)
@@ -26,7 +27,7 @@ def test_removing_a_unit_whose_column_is_zero_changes_nothing():
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75])
-@pytest.mark.parametrize("score", ["wanda", "magnitude"])
+@pytest.mark.parametrize("score", ["wanda", "magnitude", "obs"])
 def test_restoration_never_increases_the_error(ratio, score):
     W, H, _ = coupled_problem(seed=int(ratio * 100))
     result = fasp(W, H, ratio, score=score)
@@ -51,12 +52,13 @@ def test_restoration_is_the_least_squares_optimum():
     )
 
 
-def test_gqa_units_are_removed_together_and_every_kv_head_keeps_the_same_count():
+@pytest.mark.parametrize("score", ["wanda", "obs"])
+def test_gqa_units_are_removed_together_and_every_kv_head_keeps_the_same_count(score):
     heads, kv_heads, head_dim = 4, 2, 4
     # o_proj column (h, d) reads value channel (g(h), d) with g(h) = h // (heads // kv_heads)
     units = torch.tensor([(h // (heads // kv_heads)) * head_dim + d for h in range(heads) for d in range(head_dim)])
     W, H, _ = coupled_problem(n=heads * head_dim)
-    result = fasp(W, H, 0.5, units=units, units_per_block=head_dim)
+    result = fasp(W, H, 0.5, units=units, units_per_block=head_dim, score=score)
     assert result.kept_units.numel() == kv_heads * head_dim // 2
     per_kv_head = torch.bincount(result.kept_units // head_dim, minlength=kv_heads)
     assert per_kv_head.tolist() == [head_dim // 2] * kv_heads
@@ -73,6 +75,46 @@ def test_unit_scores_sum_over_tied_columns():
     assert result.kept_units.tolist() == [0] and result.kept_columns.tolist() == [0, 1]
 
 
+def restored_error(W, H, kept_columns):
+    """``||W X − W'_K X_K||² / ||W X||²`` of the exact least-squares refit on the columns K."""
+    W, H, K = W.double(), H.double(), kept_columns
+    B = W @ H
+    W_K = torch.linalg.solve(H[K][:, K], B[:, K].T).T
+    return float(((B * W).sum() - (W_K * B[:, K]).sum()) / (B * W).sum())
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_obs_removes_the_unit_whose_removal_costs_least_after_the_refit(grouped):
+    """Removing one unit, the OBS selection is the brute-force optimum over all units (exact refit, no damping)."""
+    W, H, _ = coupled_problem(n=12)
+    units = torch.arange(12) // 2 if grouped else None  # 6 units of 2 columns, or 12 of 1
+    n_units = 6 if grouped else 12
+    columns = torch.arange(12)
+    unit_of = units if grouped else columns
+    errors = [restored_error(W, H, columns[unit_of != u]) for u in range(n_units)]
+    result = fasp(W, H, 1 / n_units, units=units, score="obs", damp=0.0)
+    (removed,) = set(range(n_units)) - set(result.kept_units.tolist())
+    assert errors[removed] == pytest.approx(min(errors), rel=1e-9)
+    assert result.stats["rel_error"] == pytest.approx(min(errors), rel=1e-4, abs=1e-9)
+    wanda = fasp(W, H, 1 / n_units, units=units, score="wanda", damp=0.0)
+    assert result.stats["rel_error"] <= wanda.stats["rel_error"] * (1 + 1e-6)
+
+
+def test_obs_removes_duplicated_inputs_that_the_wanda_score_keeps():
+    """Columns 0-3 copy the inputs of 4-7 with the largest weights: Wanda keeps all eight; OBS drops the copies,
+    whose outputs the originals then reproduce exactly."""
+    W, _, X = coupled_problem(n=12)
+    X = torch.cat([X[:, 4:8], X[:, 4:]], dim=1)
+    W[:, :8] *= 4
+    H = X.T @ X
+    for removed in range(1, 5):
+        ratio = removed / 12
+        obs, wanda = fasp(W, H, ratio, score="obs", damp=1e-6), fasp(W, H, ratio, score="wanda", damp=1e-6)
+        assert len(set(obs.kept_columns.tolist()) & set(range(8))) == 8 - removed
+        assert obs.stats["rel_error"] < 1e-5 < wanda.stats["rel_error"]
+        assert obs.kept_columns.numel() == wanda.kept_columns.numel() == 12 - removed
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -80,6 +122,7 @@ def test_unit_scores_sum_over_tied_columns():
         (dict(ratio=-0.1), "ratio"),
         (dict(ratio="0.2"), "ratio"),
         (dict(ratio=0.2, score="l2"), "score"),
+        (dict(ratio=0.2, score="OBS"), "score"),
         (dict(ratio=0.2, units=torch.zeros(32)), "units"),
         (dict(ratio=0.2, units=torch.arange(32) * 2), "units"),
         (dict(ratio=0.2, units_per_block=5), "units_per_block"),
@@ -131,10 +174,11 @@ def test_dense_target_refit_is_never_worse_than_plain_removal_on_the_dense_outpu
     assert result.stats["rel_error_before"] == pytest.approx(dense_error(W[:, K]), rel=1e-3, abs=1e-7)
 
 
-def test_the_layers_own_outputs_as_target_give_the_default_refit():
+@pytest.mark.parametrize("score", ["wanda", "obs"])
+def test_the_layers_own_outputs_as_target_give_the_default_refit(score):
     W, H, _ = coupled_problem()
-    default = fasp(W, H, 0.5)
-    own = fasp(W, H, 0.5, target=OutputTarget(W @ H, float(((W @ H) * W).sum())))
+    default = fasp(W, H, 0.5, score=score)
+    own = fasp(W, H, 0.5, target=OutputTarget(W @ H, float(((W @ H) * W).sum())), score=score)
     assert torch.equal(own.kept_units, default.kept_units)
     torch.testing.assert_close(own.weight, default.weight, rtol=1e-4, atol=1e-4)
     assert own.stats["rel_error"] == pytest.approx(default.stats["rel_error"], rel=1e-4, abs=1e-9)

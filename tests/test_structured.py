@@ -153,7 +153,7 @@ def test_different_ratios_per_block_record_per_block_sizes(tiny_model, calibrati
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval()), logits(model))
 
 
-@pytest.mark.parametrize("score", ["wanda", "magnitude"])
+@pytest.mark.parametrize("score", ["wanda", "magnitude", "obs"])
 def test_restoration_never_increases_the_layer_error(score, tiny_model, calibration_batches):
     restored = fasp_prune(tiny_model("llama"), calibration_batches(), 0.5, score=score, width_multiple=1)
     plain = fasp_prune(tiny_model("llama"), calibration_batches(), 0.5, score=score, restore=False, width_multiple=1)
@@ -162,7 +162,7 @@ def test_restoration_never_increases_the_layer_error(score, tiny_model, calibrat
         assert plain.groups[name].stats["rel_error"] == plain.groups[name].stats["rel_error_before"]
     first = "model.layers.0.attention"  # same block input, same scores: the same units go
     assert torch.equal(restored.groups[first].kept_units, plain.groups[first].kept_units)
-    assert restored.groups[first].stats["method"] == ("fasp" if score == "wanda" else "fasp-magnitude")
+    assert restored.groups[first].stats["method"] == ("fasp" if score == "wanda" else f"fasp-{score}")
 
 
 def test_restore_false_keeps_the_original_columns(tiny_model, calibration_batches):
@@ -318,12 +318,14 @@ def test_a_slimmed_model_can_be_pruned_further_unstructured(tiny_model, calibrat
     assert torch.isfinite(logits(model)).all()
 
 
-def test_error_allocation_meets_the_budget_exactly_within_the_bounds(tiny_model, calibration_batches, tmp_path):
+@pytest.mark.parametrize("score", ["wanda", "obs"])
+def test_error_allocation_meets_the_budget_exactly_within_the_bounds(score, tiny_model, calibration_batches, tmp_path):
     model = tiny_model("opt")  # biases: every parameter counted
     sizes, total = group_sizes(model), decoder_linear_parameters(model)
     report = fasp_prune(
         model,
         calibration_batches(),
+        score=score,
         target_fraction=0.3,
         allocation="error",
         min_ratio=0.1,
@@ -358,10 +360,10 @@ def test_allocation_spends_the_budget_where_it_costs_least(goal):
     assert kept["cheap"] <= kept["big"] <= kept["dear"]
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_kept_widths_are_multiples_of_width_multiple(family, tiny_model, calibration_batches):
+@pytest.mark.parametrize(("family", "score"), [("llama", "wanda"), ("opt", "wanda"), ("llama", "obs")])
+def test_kept_widths_are_multiples_of_width_multiple(family, score, tiny_model, calibration_batches):
     model = tiny_model(family)
-    report = fasp_prune(model, calibration_batches(), 0.3, width_multiple=4)
+    report = fasp_prune(model, calibration_batches(), 0.3, width_multiple=4, score=score)
     num_heads, num_kv_heads, _ = attention_heads(model.config)
     for index in range(2):
         attention, v_proj, o_proj, earlier, later = groups_of(model, index)

@@ -52,7 +52,7 @@ class FASPPruningCallback(PruningCallback):
         group_ratios: ``{pattern: ratio}`` overrides: ``"attention"``, ``"mlp"`` or a group name such as
             ``"model.layers.0.mlp"`` (first match wins); alone, only the matched groups are pruned.
         score, restore, damp: the solver's options, with its defaults (see
-            :class:`~lightning_prune.solvers.FASPOptions`: ``"wanda"`` or ``"magnitude"`` column scores, the
+            :class:`~lightning_prune.solvers.FASPOptions`: ``"wanda"``, ``"magnitude"`` or ``"obs"`` unit choice, the
             least-squares refit of the later layers, its relative damping).
         restore_target: ``"layer"`` (default): the refit reproduces the layer's own outputs on the pruned model's
             inputs; ``"dense"``: the dense model's outputs.

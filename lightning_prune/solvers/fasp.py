@@ -6,8 +6,11 @@ Removing column j of L together with the rows that produce it removes a whole un
 
 Columns are grouped into *units* that are removed together (a unit is one row of the earlier layer; with GQA one
 value channel feeds a column in each of the query heads sharing it). Unit u scores
-``s_u = Σ_{j ∈ u} sqrt(H_jj) · Σ_i |W_ij|`` (Wanda-style; ``score="magnitude"`` drops the ``sqrt(H_jj)`` factor).
-The lowest-scoring units are removed; the kept columns K of L are then refit to reproduce target outputs ``Y``:
+``s_u = Σ_{j ∈ u} sqrt(H_jj) · Σ_i |W_ij|`` (Wanda-style; ``score="magnitude"`` drops the ``sqrt(H_jj)`` factor)
+and the lowest-scoring units are removed; or, with ``score="obs"`` (structured OBS, as in ZipLM / SlimGPT), units
+are removed greedily by the error their removal leaves once the rest is refit (``tr(V_S (P_SS)⁻¹ V_Sᵀ)`` with
+``P`` the inverse of the damped gram, both updated after each chunk). The kept columns K of L are then refit to
+reproduce target outputs ``Y``:
 
     W'_K = argmin ||Y − W'_K X_K||² + λ ||W'_K − W_K||² = ((Y Xᵀ)_{:, K} + λ W_K) (H_KK + λI)⁻¹,
 
@@ -38,7 +41,11 @@ from .options import SolverOptions, check_flag, check_real
 from .patterns import check_fraction
 from .timing import seconds_since
 
-SCORES = ("wanda", "magnitude")
+SCORES = ("wanda", "magnitude", "obs")
+#: ``score="obs"`` removes about this many chunks of units (per block) from a group, re-scoring after each.
+OBS_STEPS = 16
+#: ``score="obs"`` selects in this precision (the refit of the kept columns is float64 whatever the selection).
+OBS_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,9 @@ class FASPOptions(SolverOptions):
     """Options of :func:`fasp`, checked when built.
 
     Attributes:
-        score: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``) or ``"magnitude"`` (``Σ_i|W_ij|``).
+        score: how the removed units are chosen: ``"wanda"`` (default, the lowest ``sqrt(H_jj)·Σ_i|W_ij|``),
+            ``"magnitude"`` (``Σ_i|W_ij|``) or ``"obs"`` (greedy structured OBS: the units whose removal costs the
+            least error once the rest is refit, re-scored after each of about :data:`OBS_STEPS` chunks; slower).
         restore: refit the kept columns by least squares (default True); False only drops columns.
         damp: relative damping λ of the least-squares refit (default 0.1: it beat 0.01 on SmolLM2, see README).
     """
@@ -164,13 +173,12 @@ def _prune(
     start = time.perf_counter()
     W = weight.detach().double()
     H = gram.to(torch.float64)
-    unit_scores = _unit_scores(W, H, units, n_units, score)
-    kept_units = (
-        _ranking(unit_scores, units_per_block)[: keep * (n_units // (units_per_block or n_units))].sort().values
-    )
+    B = W @ H if target is None else target.cross.to(W)  # Y Xᵀ
+    per_block = units_per_block or n_units
+    ranking = _rank_units(W, H, units, units_per_block, options, per_block - keep, None if target is None else B)
+    kept_units = ranking[: keep * (n_units // per_block)].sort().values
     kept = torch.isin(units, kept_units)
     kept_columns = torch.nonzero(kept).squeeze(1)
-    B = W @ H if target is None else target.cross.to(W)  # Y Xᵀ
     B_K = B[:, kept_columns]
     H_KK = H[kept_columns.unsqueeze(1), kept_columns]
     dropped_only = weight.detach()[:, kept_columns]
@@ -197,7 +205,7 @@ def _prune(
         if error > error_before:
             new_weight, error = dropped_only, error_before
     stats = {
-        "method": "fasp" if score == "wanda" else "fasp-magnitude",
+        "method": "fasp" if score == "wanda" else f"fasp-{score}",
         "ratio": 1 - kept_units.numel() / n_units,
         "rel_error_before": error_before,
         "rel_error": error,
@@ -216,7 +224,8 @@ def restoration_errors(
 ) -> torch.Tensor:
     """The error ``||W X − W'_K X_K||²`` :func:`fasp` leaves at every number of kept units, from one factorisation.
 
-    The units kept at k are the k best by score (in every block), a nested family, so with the columns ordered by
+    The units kept at k are the k best by score (in every block; with ``score="obs"`` the last k of one greedy removal
+    down to one unit per block, an estimate of the solver's selection), a nested family, so with the columns ordered by
     unit rank the least-squares fit on the first c columns is read off one Cholesky factor ``L`` of the reordered,
     damped gram: ``||W X||² − ||L_c⁻¹ (H W ᵀ)_c||²`` (the leading ``c × c`` block of ``L`` factors ``H_cc``).
     Without ``restore`` the error is ``tr(W_D H_DD W_Dᵀ)`` of the dropped columns D (a trailing block), read off
@@ -241,7 +250,7 @@ def restoration_errors(
     units, n_units = _check(weight, gram, units, units_per_block)
     H = gram.detach() if gram.dtype == torch.float64 else gram.detach().float()
     W = weight.detach().to(H.dtype)
-    ranking = _ranking(_unit_scores(W, H, units, n_units, options.score), units_per_block)
+    ranking = _rank_units(W, H, units, units_per_block, options, (units_per_block or n_units) - 1)
     rank_of_unit = torch.empty_like(ranking)
     rank_of_unit[ranking] = torch.arange(n_units, device=ranking.device)
     order = rank_of_unit[units].argsort(stable=True)  # columns of the best unit first
@@ -268,6 +277,110 @@ def units_kept(units: int, ratio: float, multiple: int = 1) -> int:
     return min(units, max(multiple, int(units * (1 - ratio)) // multiple * multiple))
 
 
+def _rank_units(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    units: torch.Tensor,
+    units_per_block: int | None,
+    options: FASPOptions,
+    remove: int,
+    cross: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unit ids from the best to the worst (rank-major with blocks, as :func:`_ranking`) by ``options.score``; for
+    ``"obs"`` the order of the ``remove`` worst units (per block) is the greedy removal order of :func:`_obs_removal`
+    (``cross``: ``Y Xᵀ`` of a target other than ``W X``), the kept ones come first in id order."""
+    n_units = int(units.max()) + 1
+    if options.score != "obs":
+        return _ranking(_unit_scores(W, H, units, n_units, options.score), units_per_block)
+    removed, alive = _obs_removal(W, H, units, units_per_block or n_units, remove, options.damp, cross)
+    blocks = alive.shape[0]
+    ids = torch.arange(n_units, device=W.device).reshape(blocks, -1)
+    kept = ids[alive].reshape(blocks, -1)
+    order = torch.cat([kept, removed.flip(1)], dim=1)  # best first in every block
+    return order.T.reshape(-1)
+
+
+def _obs_removal(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    units: torch.Tensor,
+    per_block: int,
+    remove: int,
+    damp: float,
+    cross: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy structured OBS: remove ``remove`` units from every block of ``per_block`` units, each time those whose
+    removal, with the rest refit by least squares, costs the least.
+
+    The objective is the refit's, ``||Y − W' X||² + λ ||W' − W||²`` with ``λ = damp · mean(diag H)``, which equals
+    ``(W' − V) Hd (W' − V)ᵀ`` plus a constant, with ``Hd = H + λI`` and ``V = (Y Xᵀ + λ W) Hd⁻¹`` the best full
+    fit (``V = W`` when ``Y = W X``, ``cross`` None). With ``P = Hd⁻¹`` and ``V`` the fit so far, removing the
+    columns S of a unit costs ``tr(V_S (P_SS)⁻¹ V_Sᵀ)`` once the other columns are refit. After each chunk of
+    ``⌈remove / OBS_STEPS⌉`` units per block (the cheapest of each block, scored together) the refit and the inverse
+    are updated in closed form: ``V ← V − V_S (P_SS)⁻¹ P_S:`` and ``P ← P − P_:S (P_SS)⁻¹ P_S:``. In
+    :data:`OBS_DTYPE`.
+
+    Returns:
+        ``removed [blocks, remove]``, each block's unit ids in removal order (the cheapest first), and ``alive
+        [blocks, per_block]``, True for the units kept.
+    """
+    H, W = H.to(OBS_DTYPE), W.to(OBS_DTYPE, copy=True)
+    P_factor, damp = escalate_damping(partial(_damped_cholesky, H), damp, "gram")
+    P = torch.cholesky_inverse(P_factor)
+    V = W if cross is None else (cross.to(OBS_DTYPE) + damp * _mean_diagonal(H) * W) @ P
+    n_units = int(units.max()) + 1
+    blocks = n_units // per_block
+    columns, valid = _unit_columns(units, n_units)
+    alive = torch.ones(blocks, per_block, dtype=torch.bool, device=W.device)
+    removed = []
+    chunk = max(1, -(-remove // OBS_STEPS))
+    done = 0
+    while done < remove:
+        take = min(chunk, remove - done)
+        costs = _obs_costs(V, P, columns, valid).masked_fill(~alive.reshape(-1), float("inf"))
+        chosen = costs.reshape(blocks, per_block).topk(take, dim=1, largest=False).indices  # cheapest first
+        chosen = chosen + torch.arange(blocks, device=W.device).unsqueeze(1) * per_block
+        S = columns[chosen.reshape(-1)][valid[chosen.reshape(-1)]]
+        step = torch.linalg.solve(P[S.unsqueeze(1), S], P[S])  # (P_SS)⁻¹ P_S:  [|S|, n]
+        V -= V[:, S] @ step
+        P -= P[:, S] @ step
+        V[:, S] = 0
+        P[S], P[:, S] = 0, 0
+        alive.view(-1)[chosen.reshape(-1)] = False
+        removed.append(chosen)
+        done += take
+    empty = torch.empty(blocks, 0, dtype=torch.long, device=W.device)
+    return torch.cat(removed, dim=1) if removed else empty, alive
+
+
+def _unit_columns(units: torch.Tensor, n_units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``columns [U, m]``: the columns of each unit, padded (with column 0) to the largest unit's ``m``; ``valid
+    [U, m]``: True where the entry is a real column."""
+    counts = torch.bincount(units, minlength=n_units)
+    order = units.argsort(stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(units.numel(), device=units.device) - starts[units[order]]
+    columns = torch.zeros(n_units, int(counts.max()), dtype=torch.long, device=units.device)
+    valid = torch.zeros_like(columns, dtype=torch.bool)
+    columns[units[order], position] = order
+    valid[units[order], position] = True
+    return columns, valid
+
+
+def _obs_costs(V: torch.Tensor, P: torch.Tensor, columns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``tr(V_S (P_SS)⁻¹ V_Sᵀ)`` for the columns S of every unit (``[U]``; removed units give garbage, the caller
+    masks them)."""
+    if columns.shape[1] == 1:
+        return V.pow(2).sum(0)[columns[:, 0]] / torch.diagonal(P)[columns[:, 0]].clamp(min=torch.finfo(P.dtype).tiny)
+    pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+    eye = torch.eye(columns.shape[1], dtype=P.dtype, device=P.device)
+    P_SS = torch.where(pair, P[columns.unsqueeze(2), columns.unsqueeze(1)], eye)  # padding: identity
+    V_S = V[:, columns].permute(1, 2, 0) * valid.unsqueeze(2)  # [U, m, out], padding: 0
+    solved, info = torch.linalg.solve_ex(P_SS, V_S)
+    costs = (V_S * solved).sum(dim=(1, 2))
+    return costs.masked_fill(info != 0, float("inf"))
+
+
 def _unit_scores(W: torch.Tensor, H: torch.Tensor, units: torch.Tensor, n_units: int, score: str) -> torch.Tensor:
     """``s_u = Σ_{j ∈ u} sqrt(H_jj)·Σ_i |W_ij|`` (``"wanda"``) or ``Σ_{j ∈ u} Σ_i |W_ij|`` (``"magnitude"``)."""
     column_scores = W.abs().sum(dim=0)
@@ -287,19 +400,23 @@ def _ranking(scores: torch.Tensor, units_per_block: int | None) -> torch.Tensor:
     return (blocks.argsort(dim=1, descending=True, stable=True) + offsets).T.reshape(-1)
 
 
+def _mean_diagonal(H: torch.Tensor) -> float:
+    """``mean(diag H)`` (negative entries as 0), the scale of the damping; 1 when it is 0."""
+    mean_diag = float(torch.diagonal(H).clamp(min=0).mean())
+    return mean_diag if mean_diag > 0 else 1.0
+
+
 def _damped_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor | None:
     """Lower Cholesky factor of ``H + damp · mean(diag H) · I``, or None when the factorisation fails."""
-    mean_diag = float(torch.diagonal(H).clamp(min=0).mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    L, info = torch.linalg.cholesky_ex(H + damp * (mean_diag if mean_diag > 0 else 1.0) * eye)
+    L, info = torch.linalg.cholesky_ex(H + damp * _mean_diagonal(H) * eye)
     return None if int(info) else L
 
 
 def _least_squares(B_K: torch.Tensor, H_KK: torch.Tensor, W_K: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """``((Y Xᵀ)_{:,K} + λ W_K) (H_KK + λI)⁻¹`` by Cholesky (fp64 inputs, fp32 result), escalating ``damp`` ×10 on
     failure."""
-    mean_diag = float(torch.diagonal(H_KK).clamp(min=0).mean())
-    scale = mean_diag if mean_diag > 0 else 1.0
+    scale = _mean_diagonal(H_KK)
 
     def solve(damp: float) -> torch.Tensor | None:
         L = _damped_cholesky(H_KK, damp)

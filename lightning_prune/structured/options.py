@@ -31,7 +31,8 @@ class StructuredOptions:
         group_ratios: ``{pattern: ratio}`` overrides (see :mod:`lightning_prune.structured.ratios`), e.g.
             ``{"attention": 0.1, "mlp": 0.3}``. Without ``ratio`` and ``target_fraction``, unmatched groups are
             left alone.
-        score: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``) or ``"magnitude"`` (``Σ_i|W_ij|``).
+        score: how the removed units are chosen: ``"wanda"`` (default, ``sqrt(H_jj)·Σ_i|W_ij|``), ``"magnitude"``
+            (``Σ_i|W_ij|``) or ``"obs"`` (greedy structured OBS: least error after the refit; see README).
         restore: refit the later layer on the kept columns by least squares (default True).
         restore_target: what the refit reproduces: ``"layer"`` (default) the layer's own output on the pruned
             model's inputs; ``"dense"`` the dense model's output of the layer on the dense model's inputs, from the
