@@ -14,7 +14,8 @@ at ``target_fraction=level``, the calibration windows batched 8 at a time:
   (``restore_target="dense"``), ``allocation`` (``allocation="error"``), ``both``; ``damp-0.01`` is ``fasp``
   with the damping ``before`` used (a tenth of the default);
 * on top of the defaults: ``obs`` (units chosen by structured OBS, ``score="obs"``), ``obs-allocation`` (and error
-  allocation), ``allocation-defaults`` (error allocation alone).
+  allocation), ``allocation-defaults`` (error allocation alone), ``allocation-bounded`` (error allocation with every
+  group's ratio in [0.1, 0.6] instead of [0, 0.8]), ``dense-defaults`` (restoration towards the dense model alone).
 
 ``--variants`` runs a subset (every level runs the same ones).
 
@@ -74,6 +75,8 @@ VARIANTS = {  # name -> fasp_prune options
     "obs": {"score": "obs"},
     "obs-allocation": {"score": "obs", "allocation": "error"},
     "allocation-defaults": {"allocation": "error"},
+    "allocation-bounded": {"allocation": "error", "min_ratio": 0.1, "max_ratio": 0.6},
+    "dense-defaults": {"restore_target": "dense"},
 }
 DEFAULTS = {
     "windows": 64,

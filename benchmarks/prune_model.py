@@ -134,11 +134,30 @@ NO_WORSE = ("0.5", 1.02)  # at this pattern no allocation's perplexity above thi
 ALLOCATION_TIME_TARGET = 0.15  # the allocation's own seconds (statistics pass + plan) / the uniform oneshot time
 
 
-def allocation_options(allocation: str) -> dict[str, str]:
-    """The ``oneshot`` options of an ``--allocations`` entry: ``"owl"`` → ``{"allocation": "owl"}``,
-    ``"error:layer"`` → ``{"allocation": "error", "granularity": "layer"}``."""
-    name, _, granularity = allocation.partition(":")
-    return {"allocation": name, **({"granularity": granularity} if granularity else {})}
+def allocation_options(allocation: str) -> dict[str, object]:
+    """The ``oneshot`` options of an ``--allocations`` entry ``NAME[:GRANULARITY][:OPTION=VALUE ...]``:
+    ``"owl"`` → ``{"allocation": "owl"}``, ``"error:layer"`` → ``{"allocation": "error", "granularity": "layer"}``,
+    ``"owl:owl_lambda=0.15"`` → ``{"allocation": "owl", "owl_lambda": 0.15}`` (values are numbers; the option names
+    are :class:`~lightning_prune.allocation.AllocationOptions` fields, checked by ``OneShotOptions``)."""
+    name, *parts = allocation.split(":")
+    options: dict[str, object] = {"allocation": name}
+    for part in parts:
+        key, equals, value = part.partition("=")
+        options.update({key: float(value)} if equals else {"granularity": part})
+    return options
+
+
+def check_allocation(parser: argparse.ArgumentParser, allocation: str, sparsities: list[str]) -> None:
+    """Exit through ``parser.error`` unless ``allocation`` is a valid ``--allocations`` entry at every sparsity."""
+    try:
+        options = allocation_options(allocation)
+        for sparsity in sparsities or ["0.5"]:
+            OneShotOptions("alps", float(sparsity), **options)
+    except (ValueError, TypeError) as error:
+        parser.error(
+            f"--allocations: {allocation!r}: {error} (entries are NAME[:block|:layer][:OPTION=NUMBER ...], OPTION an "
+            f"AllocationOptions field)"
+        )
 
 
 def run_row(
@@ -475,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allocations",
         nargs="+",
-        help="sparsity allocations, each 'uniform', 'owl', 'depth' or 'error', optionally ':block' or ':layer' "
-        f"(e.g. 'error:layer'; default {DEFAULTS['allocations']}); N:M patterns are pruned uniform only",
+        help="sparsity allocations, each 'uniform', 'owl', 'depth' or 'error', optionally ':block' or ':layer' and "
+        "':OPTION=VALUE' settings (e.g. 'error:layer', 'owl:owl_lambda=0.15', 'error:min_sparsity=0.6'; default "
+        f"{DEFAULTS['allocations']}); N:M patterns are pruned uniform only",
     )
     parser.add_argument(
         "--cells",
@@ -568,11 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.allocations = DEFAULTS["allocations"]
     if cells is not None:
         cells = [(method, str(parse_pattern(pattern)), allocation) for method, pattern, allocation in cells]
-    try:
-        for allocation in args.allocations:
-            OneShotOptions("alps", 0.5, **allocation_options(allocation))
-    except ValueError as error:
-        parser.error(f"--allocations: {error}")
+    for allocation in args.allocations:
+        check_allocation(parser, allocation, [p for p in patterns if not isinstance(parse_pattern(p), str)])
 
     from transformers import AutoTokenizer
 
