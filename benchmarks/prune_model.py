@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from lightning_prune import OneShotOptions, oneshot
+from lightning_prune.allocation import AllocationOptions
 from lightning_prune.dtypes import native_dtype
 from lightning_prune.embedded import SMOLLM2_DTYPE, bible_splits, smollm2_dir, token_windows
 from lightning_prune.evaluation import perplexity
@@ -147,12 +148,13 @@ def allocation_options(allocation: str) -> dict[str, object]:
     return options
 
 
-def check_allocation(parser: argparse.ArgumentParser, allocation: str, sparsities: list[str]) -> None:
-    """Exit through ``parser.error`` unless ``allocation`` is a valid ``--allocations`` entry at every sparsity."""
+def check_allocation(parser: argparse.ArgumentParser, allocation: str, pattern: str) -> None:
+    """Exit through ``parser.error`` unless ``allocation`` is a valid ``--allocations`` entry at ``pattern`` (N:M
+    patterns are pruned uniform: there only the entry itself is checked)."""
+    sparsity = parse_pattern(pattern)
     try:
         options = allocation_options(allocation)
-        for sparsity in sparsities or ["0.5"]:
-            OneShotOptions("alps", float(sparsity), **options)
+        AllocationOptions(**options) if isinstance(sparsity, str) else OneShotOptions("alps", sparsity, **options)
     except (ValueError, TypeError) as error:
         parser.error(
             f"--allocations: {allocation!r}: {error} (entries are NAME[:block|:layer][:OPTION=NUMBER ...], OPTION an "
@@ -588,8 +590,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.allocations = DEFAULTS["allocations"]
     if cells is not None:
         cells = [(method, str(parse_pattern(pattern)), allocation) for method, pattern, allocation in cells]
-    for allocation in args.allocations:
-        check_allocation(parser, allocation, [p for p in patterns if not isinstance(parse_pattern(p), str)])
+    pairs = [(p, a) for _, p, a in cells] if cells is not None else [(p, a) for p in patterns for a in args.allocations]
+    for pattern, allocation in pairs:
+        check_allocation(parser, allocation, pattern)
 
     from transformers import AutoTokenizer
 
