@@ -17,7 +17,8 @@ at ``target_fraction=level``, the calibration windows batched 8 at a time:
   allocation), ``allocation-defaults`` (error allocation alone), ``allocation-bounded`` (error allocation with every
   group's ratio in [0.1, 0.6] instead of [0, 0.8]), ``dense-defaults`` (restoration towards the dense model alone).
 
-``--variants`` runs a subset (every level runs the same ones).
+``--variants`` runs a subset (every level runs the same ones); ``NAME:OPTION=VALUE ...`` overrides a variant's
+``fasp_prune`` options (e.g. ``allocation-defaults:min_ratio=0.15:max_ratio=0.45``).
 
 Reported per row: ``ppl`` (perplexity on the evaluation windows), its ratio to ``no-restore`` at the same level and
 to the dense model; ``prune_s`` (wall time of the whole ``fasp_prune`` call: calibration passes, allocation, solves,
@@ -56,7 +57,7 @@ from lightning_prune.embedded import bible_splits, smollm2_dir, token_windows
 from lightning_prune.evaluation import perplexity
 from lightning_prune.solvers import fasp
 from lightning_prune.solvers.timing import seconds_since, synchronize
-from lightning_prune.structured import fasp_prune
+from lightning_prune.structured import StructuredOptions, fasp_prune
 
 from .common import RESULTS_DIR, add_common_arguments, environment, format_summary, ratio, write_report
 
@@ -112,6 +113,37 @@ def load(model_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+def variant_options(variant: str) -> dict[str, Any]:
+    """The ``fasp_prune`` options of a ``--variants`` entry ``NAME[:OPTION=VALUE ...]``: :data:`VARIANTS` ``[NAME]``
+    with each ``OPTION`` set to ``VALUE`` (a number where it reads as one, else the string)."""
+    name, *settings = variant.split(":")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}")
+    options = dict(VARIANTS[name])
+    for setting in settings:
+        key, equals, value = setting.partition("=")
+        if not equals:
+            raise ValueError(f"{setting!r} is not OPTION=VALUE")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def check_variant(parser: argparse.ArgumentParser, variant: str, levels: list[float]) -> None:
+    """Exit through ``parser.error`` unless ``variant`` names a variant whose options are valid at every level."""
+    try:
+        options = variant_options(variant)
+        for level in levels:
+            StructuredOptions(target_fraction=level, **options)
+    except (ValueError, TypeError) as error:
+        parser.error(
+            f"--variants: {variant!r}: {error} (entries are NAME[:OPTION=VALUE ...], NAME one of {list(VARIANTS)}, "
+            "OPTION a fasp_prune option)"
+        )
+
+
 def prune_row(
     model_dir: Path, variant: str, level: float, calibration: torch.Tensor, evaluation: torch.Tensor, batch_size: int
 ) -> tuple[dict[str, Any], torch.nn.Module]:
@@ -120,7 +152,8 @@ def prune_row(
     batches = [{"input_ids": batch} for batch in calibration.split(batch_size)]
     gc.collect()
     start = time.perf_counter()
-    report = fasp_prune(model, batches, target_fraction=level, **VARIANTS[variant])
+    options = variant_options(variant)
+    report = fasp_prune(model, batches, target_fraction=level, **options)
     prune_seconds = time.perf_counter() - start
     errors = sorted(group.stats["rel_error"] for group in report.groups.values())
     widths = {
@@ -129,7 +162,7 @@ def prune_row(
     }
     row = {
         "variant": variant,
-        "options": VARIANTS[variant],
+        "options": options,
         "level": level,
         "windows": len(calibration),
         "prune_seconds": prune_seconds,
@@ -278,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-windows", type=int, help=f"evaluation windows (default {DEFAULTS['eval_windows']})")
     parser.add_argument("--levels", type=float, nargs="+", help=f"fractions removed (default {DEFAULTS['levels']})")
     parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), help="variants pruned at every level (default: all)"
+        "--variants",
+        nargs="+",
+        help=f"variants pruned at every level, each NAME[:OPTION=VALUE ...], NAME in {list(VARIANTS)} (default: all)",
     )
     parser.add_argument(
         "--speed-levels", type=float, nargs="*", help=f"levels timed (default {DEFAULTS['speed_levels']})"
@@ -307,6 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--seq-len must be >= 2 and every --levels value in (0, 1)")
     if args.time_windows is not None and args.time_windows < 1:
         parser.error("--time-windows must be >= 1")
+    for variant in args.variants:
+        check_variant(parser, variant, args.levels)
 
     from transformers import AutoTokenizer
     from transformers.utils import logging
@@ -361,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seq_len": args.seq_len,
             "eval_windows": args.eval_windows,
             "levels": args.levels,
-            "variants": {name: VARIANTS[name] for name in args.variants},
+            "variants": {name: variant_options(name) for name in args.variants},
             "time_windows": args.time_windows,
             "speed_levels": args.speed_levels,
             "repeats": args.repeats,
