@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import in_features
+from .architectures import LayerSelection, find_blocks, in_features
 from .gram import GRAM_DTYPES, GramAccumulator
 
 #: Accepted ``offload`` values: ``"cpu"`` (activations in CPU memory between blocks) or None (where produced).
@@ -172,6 +172,22 @@ def check_uniform_blocks(model: nn.Module, n_blocks: int) -> None:
             f"model: blocks of different attention kinds {sorted(set(layer_types))} (config.layer_types) are not "
             "supported: the driver reuses the first block's arguments for every block"
         )
+
+
+def plan_blocks(
+    model: nn.Module, selection: LayerSelection
+) -> tuple[nn.ModuleList, list[list[dict[str, nn.Module]]], int]:
+    """What a block-by-block pass over ``model`` visits: its decoder blocks, ``selection``'s layer groups per block
+    (:meth:`~lightning_prune.architectures.LayerSelection.plan`) and the index of the last block with a selected
+    layer (the pass stops after it).
+
+    Raises:
+        ValueError: as :func:`check_uniform_blocks` and :meth:`LayerSelection.plan` (no layer selected, ...).
+    """
+    _, blocks = find_blocks(model)
+    check_uniform_blocks(model, len(blocks))
+    plan = selection.plan(model)
+    return blocks, plan, max(index for index, groups in enumerate(plan) if groups)
 
 
 def capture_block_inputs(

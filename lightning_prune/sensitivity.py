@@ -32,14 +32,14 @@ import torch
 from torch import nn
 
 from .allocation import AllocationOptions, LayerStatistics, block_statistics
-from .architectures import LayerSelection, find_blocks, in_features
+from .architectures import LayerSelection, in_features
 from .calibration import (
     CalibrationBatch,
     CalibrationOptions,
     calibration_mode,
     capture_block_inputs,
-    check_uniform_blocks,
     device_of,
+    plan_blocks,
     to_device,
 )
 from .distributed.parallel import Processes
@@ -71,10 +71,7 @@ def measure_layers(
     Raises:
         ValueError: for no calibration batch or valid token, a layer the block never calls, NaN/Inf activations.
     """
-    _, blocks = find_blocks(model)
-    check_uniform_blocks(model, len(blocks))
-    plan = selection.plan(model)
-    last = max(index for index, groups in enumerate(plan) if groups)
+    blocks, plan, last = plan_blocks(model, selection)
     if processes is not None:
         batches = processes.share(list(batches))
     storage = calibration.offload

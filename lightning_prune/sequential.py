@@ -35,15 +35,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .architectures import LayerSelection, find_blocks
+from .architectures import LayerSelection
 from .calibration import (
     CalibrationBatch,
     CalibrationOptions,
     calibration_mode,
     capture_block_inputs,
-    check_uniform_blocks,
     collect_grams,
     device_of,
+    plan_blocks,
     propagate,
     shared_inputs,
 )
@@ -197,10 +197,7 @@ def prune_model(
     if not callable(solve):
         raise ValueError(f"solve must be callable (name, weight, gram, tokens) -> PruneResult, got {solve!r}")
     check_progress(progress)
-    _, blocks = find_blocks(model)
-    check_uniform_blocks(model, len(blocks))
-    plan = selection.plan(model)
-    last = max(index for index, groups in enumerate(plan) if groups)
+    blocks, plan, last = plan_blocks(model, selection)
     if processes is not None:
         batches = processes.share(list(batches))
 
