@@ -15,7 +15,8 @@ at ``target_fraction=level``, the calibration windows batched 8 at a time:
   with the damping ``before`` used (a tenth of the default);
 * on top of the defaults: ``obs`` (units chosen by structured OBS, ``score="obs"``), ``obs-allocation`` (and error
   allocation), ``allocation-defaults`` (error allocation alone), ``allocation-bounded`` (error allocation with every
-  group's ratio in [0.1, 0.6] instead of [0, 0.8]), ``dense-defaults`` (restoration towards the dense model alone).
+  group's ratio in [0.1, 0.6]: at least a tenth removed too), ``dense-defaults`` (restoration towards the dense
+  model alone).
 
 ``--variants`` runs a subset (every level runs the same ones); ``NAME:OPTION=VALUE ...`` overrides a variant's
 ``fasp_prune`` options (e.g. ``allocation-defaults:min_ratio=0.15:max_ratio=0.45``).

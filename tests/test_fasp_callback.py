@@ -145,7 +145,7 @@ def test_the_recipe_runs_on_a_tiny_model(tmp_path, model_dir, datamodule, monkey
     record = load_sparsity_metadata(tmp_path / "pruned" / "smollm2-fasp-20")
     assert record["metadata"]["method"] == "fasp" and record["metadata"]["target_fraction"] == 0.2
     assert record["metadata"]["summary"]["removed_fraction"] >= 0.2
-    assert record["metadata"]["width_multiple"] == 8 and record["metadata"]["allocation"] == "uniform"
+    assert record["metadata"]["width_multiple"] == 8 and record["metadata"]["allocation"] == "error"
     assert all(width % 8 == 0 for width in record["metadata"]["summary"]["widths"].values())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned" / "smollm2-fasp-20")
     assert reloaded.config.model_type == "llama_fasp"
