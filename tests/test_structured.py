@@ -219,7 +219,8 @@ def test_target_fraction_is_reached_with_the_smallest_ratio(tiny_model, calibrat
         (dict(target_fraction=0.2, allocation="error", max_ratio=1.0), "max_ratio"),
         (dict(ratio=0.2, max_ratio=0.5), "max_ratio"),
         (dict(target_fraction=0.2, allocation="error", min_ratio=0.3, max_ratio=0.31), "min_ratio"),
-        (dict(target_fraction=0.5, allocation="error", max_ratio=0.3), "out of reach"),
+        (dict(target_fraction=0.5, allocation="error", min_ratio=0.0, max_ratio=0.3), "out of reach"),
+        (dict(target_fraction=0.2, allocation="error"), "min_ratio=0.1, max_ratio=0.6: group .* width_multiple=8"),
     ],
 )
 def test_bad_arguments_raise_before_the_model_changes(kwargs, message, tiny_model, calibration_batches):

@@ -58,7 +58,7 @@ class FASPPruningCallback(PruningCallback):
             inputs; ``"dense"``: the dense model's outputs.
         allocation: how ``target_fraction`` is split: ``"uniform"`` (default) one ratio for all, ``"error"`` per
             group where it costs the least error.
-        min_ratio, max_ratio: bounds of every group's ratio under ``allocation="error"`` (defaults 0 and 0.6).
+        min_ratio, max_ratio: bounds of every group's ratio under ``allocation="error"`` (defaults 0.1 and 0.6).
         width_multiple: kept MLP channels and value channels per KV head are multiples of it (default 8).
         offload: ``"cpu"`` (default) keeps calibration activations in CPU memory between blocks; None keeps them
             on the model's device.

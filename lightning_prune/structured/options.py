@@ -44,9 +44,10 @@ class StructuredOptions:
             ``"uniform"`` (default) one ratio for all; ``"error"`` (needs ``target_fraction``) gives each group its
             own width where the removal costs the least error (:mod:`lightning_prune.structured.allocation`).
         min_ratio, max_ratio: with ``allocation="error"``, every free group's ratio lies in ``[min_ratio,
-            max_ratio]`` (defaults 0 and 0.6: no group loses more than 60 % of its units; the best bounds measured on
-            SmolLM2 at 20 % and 30 %, where 0.8 let the allocation strip groups whose low calibration error did not
-            hold on new text; see README, "Structured pruning (FASP)").
+            max_ratio]`` (defaults 0.1 and 0.6, the best bounds measured on SmolLM2 at 20 % and 30 %: 0.8 let the
+            allocation strip groups whose low calibration error did not hold on new text, 0 let it spare some; see
+            README, "Structured pruning (FASP)"). With ``width_multiple`` as coarse as a group's width (e.g. 64 for
+            64-channel value heads) only the full width is a multiple: set ``min_ratio=0`` there.
         width_multiple: every pruned group keeps a multiple of this many units (default 8; 64 or 128 suit GPUs):
             MLP channels, and value channels per KV head. Ratios are rounded towards removing more (the kept count
             down to the multiple, at least one multiple); the parameter count and the budget use the rounded widths.
@@ -64,7 +65,7 @@ class StructuredOptions:
     restore_target: str = "layer"
     damp: float = FASPOptions.damp
     allocation: str = "uniform"
-    min_ratio: float = 0.0
+    min_ratio: float = 0.1
     max_ratio: float = 0.6
     width_multiple: int = 8
     offload: str | None = "cpu"
